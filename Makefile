@@ -1,0 +1,26 @@
+# The two set-up commands of the README's Quick start:
+#   make serve   create .venv, install cxrnode into it, start the node on its embedded defaults
+#   make test    the same install, plus DCMTK / dicom3tools / Orthanc via apt when missing, then the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: serve test tools lint
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/cxrnode serve
+
+# Real peers for the integration tests: DCMTK (storescu, storescp, echoscu, dcmsend), dicom3tools (dciodvfy), Orthanc.
+tools:
+	@command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v Orthanc >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends dcmtk dicom3tools orthanc; }
+
+test: $(STAMP) tools
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
