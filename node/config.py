@@ -453,7 +453,9 @@ class Settings(BaseModel):
         if not isinstance(sender, dict) or sender.get("calling_ae_title") is not None:
             return data
         node = data.get("node", {})
-        ae = node.ae_title if isinstance(node, NodeSettings) else node.get("ae_title", "CXRNODE") if isinstance(node, dict) else None
+        if isinstance(node, NodeSettings):
+            node = node.model_dump()
+        ae = node.get("ae_title", NodeSettings.model_fields["ae_title"].default) if isinstance(node, dict) else None
         try:
             ae = check_ae_title(ae)
         except ValueError:
