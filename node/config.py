@@ -64,6 +64,7 @@ __all__ = [
     "describe",
     "load_settings",
     "parse_address",
+    "with_command_line_peers",
 ]
 
 ENV_PREFIX = "CXRNODE_"
@@ -756,3 +757,25 @@ def describe(settings: Settings) -> str:
         f"up to {s.retry_max_delay_s:g} s, timeout {s.timeout_s:g} s"
     )
     return "\n".join(lines)
+
+
+def with_command_line_peers(
+    settings: Settings, destinations: Sequence[str], allowed_calling_aes: Sequence[str]
+) -> Settings:
+    """`serve --destination AE@HOST:PORT` and `--allow-calling-ae AE` on top of the file's peers."""
+    if not destinations and not allowed_calling_aes:
+        return settings
+    data = settings.model_dump()
+    names = []
+    for index, text in enumerate(destinations, start=1):
+        address = parse_address(text)
+        name = f"destination-{index}"
+        data["peers"].append({"name": name, "ae_title": address.ae_title, "host": address.host,
+                              "port": address.port, "may_send": False})
+        names.append(name)
+    if names:
+        data["routing"]["default"] = names
+    for index, ae_title in enumerate(allowed_calling_aes, start=1):
+        data["peers"].append({"name": f"allowed-{index}", "ae_title": ae_title, "host": "0.0.0.0", "port": 104,
+                              "may_send": True, "description": "--allow-calling-ae"})
+    return Settings.model_validate(data)

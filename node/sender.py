@@ -1,0 +1,149 @@
+"""The sender: C-STORE SCU that delivers each job's result objects to its destinations, with retries.
+
+A destination has a job's results when every object was answered with Success or one of the storage warnings
+0xB000 / 0xB006 / 0xB007. Otherwise the job is tried again after base × factor^(attempt-1) seconds (at most
+max_delay), and after max_attempts it is `dead` with the last error; `cxrnode resend` revives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from node.config import Peer, SenderSettings, Settings
+from node.queue import Job, JobState, Queue, ResultObject
+from node.spool import Spool
+from node.statuses import DELIVERED
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryError(Exception):
+    """A destination did not take the results; the message says which object and why."""
+
+
+def backoff(settings: SenderSettings, attempts: int) -> float:
+    """Seconds to wait after the `attempts`-th failed attempt (1-based)."""
+    return float(min(settings.retry_max_delay_s, settings.retry_base_s * settings.retry_factor ** (attempts - 1)))
+
+
+def store(
+    peer: Peer, paths: Sequence[Path], *, calling_ae: str, timeout: float, sop_classes: Sequence[str]
+) -> None:
+    """Send `paths` to `peer` in one association, proposing exactly their SOP classes in Explicit and Implicit VR
+    Little Endian. Raises DeliveryError unless every object is delivered."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for sop_class in sorted(set(sop_classes)):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
+        raise DeliveryError(f"association with {peer.ae_title}@{peer.host}:{peer.port} failed ({reason})")
+    try:
+        for path in paths:
+            ds = dcmread(path)
+            status = assoc.send_c_store(ds)
+            if "Status" not in status:
+                raise DeliveryError(f"{path.name}: no C-STORE response from {peer.ae_title} (timeout or abort)")
+            if int(status.Status) not in DELIVERED:
+                comment = status.get("ErrorComment", "")
+                raise DeliveryError(f"{path.name}: {peer.ae_title} answered 0x{int(status.Status):04X} {comment}".strip())
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+class Sender:
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        queue: Queue,
+        spool: Spool,
+        wake: threading.Event,
+        on_delivered: Callable[[Job, str, Sequence[ResultObject]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.spool = spool
+        self.wake = wake
+        self.on_delivered = on_delivered
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sender", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stopping.set()
+        self.wake.set()
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                jobs = self.queue.due(time.time(), limit=32)
+                for job in jobs:
+                    if self.stopping.is_set():
+                        return
+                    self.deliver(job)
+                if not jobs:
+                    # Poll at least every second: `cxrnode resend` (another process) changes the queue directly.
+                    self.wake.wait(timeout=1.0)
+                    self.wake.clear()
+            except Exception:
+                log.exception("sender: unexpected error; retrying in 5 s")
+                self.stopping.wait(5.0)
+
+    def deliver(self, job: Job) -> None:
+        settings = self.settings()
+        destinations = settings.destinations_for(job.calling_ae)
+        delivered = set(job.delivered)
+        errors = []
+        started = time.perf_counter()
+        paths = [self.spool.absolute(r.path) for r in job.results]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            log.error("job=%d: result file %s is missing; analysing again", job.id, missing[0])
+            self.queue.set_state(job.id, JobState.RECEIVED, error=f"result file {missing[0].name} missing")
+            return
+        for peer in destinations:
+            if peer.name in delivered:
+                continue
+            try:
+                store(
+                    peer, paths, calling_ae=settings.sender.calling_ae_title or settings.node.ae_title,
+                    timeout=settings.sender.timeout_s, sop_classes=[r.sop_class_uid for r in job.results],
+                )
+            except Exception as error:  # DeliveryError, or a network error pynetdicom raised
+                errors.append(f"{peer.name}: {error}")
+                continue
+            delivered.add(peer.name)
+            log.info("job=%d delivered to %s (%s@%s:%d): %s", job.id, peer.name, peer.ae_title, peer.host, peer.port,
+                     " ".join(f"{r.kind}={r.sop_instance_uid}" for r in job.results))
+            if self.on_delivered:
+                self.on_delivered(job, peer.name, job.results)
+        self.queue.add_timing(job.id, "sending", time.perf_counter() - started)
+        if not errors:
+            self.queue.record_attempt(job.id, delivered=sorted(delivered), error=None, next_attempt_at=0,
+                                      state=JobState.DONE)
+            self.spool.remove(job.spool_path)
+            return
+        attempts = job.attempts + 1
+        error = "; ".join(errors)
+        if attempts >= settings.sender.max_attempts:
+            log.error("job=%d dead after %d attempts: %s", job.id, attempts, error)
+            self.queue.record_attempt(job.id, delivered=sorted(delivered), error=error, next_attempt_at=0,
+                                      state=JobState.DEAD)
+            return
+        delay = backoff(settings.sender, attempts)
+        log.warning("job=%d attempt %d failed, next in %.0f s: %s", job.id, attempts, delay, error)
+        self.queue.record_attempt(job.id, delivered=sorted(delivered), error=error,
+                                  next_attempt_at=time.time() + delay, state=JobState.SENDING)

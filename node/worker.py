@@ -1,0 +1,177 @@
+"""The inference worker: takes batches of received jobs, runs the Predictor, writes the result objects.
+
+It owns the Predictor (loaded once, when the worker starts). A batch is up to `inference.batch_size` jobs; when fewer
+are waiting, it waits at most `inference.max_wait_ms` for more. Receiving never waits for this thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom import Dataset, dcmread
+
+from models import Finding, Predictor
+from models.errors import ModelsError
+from node.config import Settings
+from node.outputs import write_results
+from node.pixels import prepare
+from node.queue import Job, JobState, Queue
+from node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    job: Job
+    source: Dataset
+    pixels: np.ndarray
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        queue: Queue,
+        spool: Spool,
+        predictor: Predictor,
+        wake: threading.Event,
+        wake_sender: threading.Event,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.spool = spool
+        self.predictor = predictor
+        self.wake = wake
+        self.wake_sender = wake_sender
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="worker", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the batch in hand, then return."""
+        self.stopping.set()
+        self.wake.set()
+        self.thread.join(timeout)
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                jobs = self._take_batch()
+                if jobs:
+                    self.process(jobs)
+                else:
+                    self.wake.wait(timeout=1.0)
+                    self.wake.clear()
+            except Exception:  # the worker must survive anything one batch does; the jobs stay recoverable
+                log.exception("worker: unexpected error; retrying in 5 s")
+                self.stopping.wait(5.0)
+
+    def _take_batch(self) -> list[Job]:
+        inference = self.settings().inference
+        jobs = self.queue.claim(inference.batch_size)
+        if not jobs or len(jobs) >= inference.batch_size:
+            return jobs
+        deadline = time.monotonic() + inference.max_wait_ms / 1000
+        while len(jobs) < inference.batch_size and not self.stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self.wake.wait(timeout=remaining)
+            self.wake.clear()
+            jobs += self.queue.claim(inference.batch_size - len(jobs))
+        return jobs
+
+    # -- one batch --------------------------------------------------------------------------------------------------
+
+    def process(self, jobs: list[Job]) -> None:
+        now = time.time()
+        for job in jobs:
+            self.queue.add_timing(job.id, "queue_wait", now - job.received_at)
+        prepared = [p for p in (self._prepare(job) for job in jobs) if p is not None]
+        if not prepared:
+            return
+        started = time.perf_counter()
+        findings = self._predict(prepared)
+        seconds = (time.perf_counter() - started) / max(1, len(prepared))
+        for item, finding in zip(prepared, findings, strict=True):
+            if finding is None:
+                continue
+            self.queue.add_timing(item.job.id, "inference", seconds)
+            self._write(item, finding)
+
+    def _prepare(self, job: Job) -> Prepared | None:
+        if job.spool_path is None:
+            self.queue.set_state(job.id, JobState.FAILED, error="no spooled object for this job")
+            return None
+        path = self.spool.absolute(job.spool_path)
+        try:
+            source = dcmread(path)
+            pixels = prepare(source)
+        except FileNotFoundError:
+            self._fail(job, f"spooled object {job.spool_path} is missing")
+            return None
+        except ModelsError as error:
+            self._fail(job, str(error))
+            return None
+        except Exception as error:  # a broken file: pydicom and the decoders raise many kinds
+            self._fail(job, f"cannot read the object: {type(error).__name__}: {error}")
+            return None
+        return Prepared(job, source, pixels)
+
+    def _predict(self, prepared: list[Prepared]) -> list[Finding | None]:
+        try:
+            return list(self.predictor.predict([p.pixels for p in prepared]))
+        except Exception as error:
+            if len(prepared) == 1:
+                self._fail(prepared[0].job, f"inference failed: {type(error).__name__}: {error}")
+                return [None]
+            log.warning("batch of %d failed (%s); retrying one by one", len(prepared), error)
+            return [self._predict([p])[0] for p in prepared]
+
+    def _write(self, item: Prepared, finding: Finding) -> None:
+        job, settings = item.job, self.settings()
+        self.queue.set_state(job.id, JobState.WRITING, expect=JobState.INFERRING)
+        started = time.perf_counter()
+        try:
+            results = write_results(
+                item.source, finding, settings.outputs.objects, self.spool,
+                content_datetime=datetime.datetime.fromtimestamp(job.received_at),
+            )
+        except OSError as error:  # disk full or unwritable: the job stays recoverable, try again later
+            log.error("job=%d sop=%s: cannot write results (%s); will retry", job.id, job.sop_instance_uid, error)
+            self.queue.set_state(job.id, JobState.RECEIVED, error=f"cannot write results: {error}")
+            self.stopping.wait(5.0)
+            return
+        except Exception as error:
+            self._fail(job, f"cannot write results: {type(error).__name__}: {error}")
+            return
+        self.queue.add_timing(job.id, "writing", time.perf_counter() - started)
+        destinations = settings.destinations_for(job.calling_ae)
+        state = JobState.SENDING if destinations else JobState.DONE
+        self.queue.set_results(job.id, results, state)
+        log.info(
+            "job=%d sop=%s inferred: %d opacity box(es), present=%s p=%.3f severity=%.1f%% extent=%d; %s",
+            job.id, job.sop_instance_uid, len(finding.opacities), finding.opacity_present,
+            finding.opacity_probability, finding.severity.total, finding.extent.total,
+            " ".join(f"{r.kind}={r.sop_instance_uid}" for r in results),
+        )
+        if state is JobState.DONE:
+            self.spool.remove(job.spool_path)
+            log.info("job=%d done: results in %s (no destination configured)", job.id, self.spool.results)
+        else:
+            self.wake_sender.set()
+
+    def _fail(self, job: Job, reason: str) -> None:
+        log.warning("job=%d sop=%s failed: %s", job.id, job.sop_instance_uid, reason)
+        self.queue.set_state(job.id, JobState.FAILED, error=reason)
