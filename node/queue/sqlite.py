@@ -48,8 +48,10 @@ class SQLiteQueue:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        with self._transaction() as db:
-            db.executescript(SCHEMA)
+        try:
+            self._connection().executescript(SCHEMA)  # executescript manages its own transaction
+        except sqlite3.Error as error:
+            raise QueueError(f"{self.path}: cannot create the job tables ({error})") from error
 
     # -- connections ------------------------------------------------------------------------------------------------
 
