@@ -1,0 +1,124 @@
+"""The SQLite queue's state machine and the spool's durable writes."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from node.queue import JobState, NewJob, ResultObject
+from node.queue.sqlite import QueueError, SQLiteQueue
+from node.spool import Spool, SpoolError, safe_uid, write_durably
+
+
+def new_job(uid: str, state: JobState = JobState.RECEIVED) -> NewJob:
+    return NewJob(uid, "1.2.840.10008.5.1.4.1.1.1", "1.2.3", "1.2.3.4", "1.2.840.10008.1.2.1", "MOD", "CXRNODE",
+                  "127.0.0.1", f"spool/{uid}.dcm", state, None if state is JobState.RECEIVED else "lateral")
+
+
+def test_wal_and_full_sync(tmp_path: Path) -> None:
+    queue = SQLiteQueue(tmp_path / "q.sqlite")
+    db = queue._connection()
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_one_job_per_sop_instance(tmp_path: Path) -> None:
+    queue = SQLiteQueue(tmp_path / "q.sqlite")
+    first, created = queue.add(new_job("1.1"))
+    again, created_again = queue.add(new_job("1.1"))
+    assert created and not created_again and first == again
+    assert queue.counts()[JobState.RECEIVED] == 1
+
+
+def test_life_of_a_job(tmp_path: Path) -> None:
+    queue = SQLiteQueue(tmp_path / "q.sqlite")
+    job_id, _ = queue.add(new_job("1.1"))
+    queue.add(new_job("1.2", JobState.SKIPPED))
+    [claimed] = queue.claim(4)
+    assert claimed.id == job_id and claimed.state is JobState.INFERRING
+    assert queue.claim(4) == []  # nobody else gets it
+    queue.set_state(job_id, JobState.WRITING, expect=JobState.INFERRING)
+    result = ResultObject("SEG", "1.2.840.10008.5.1.4.1.1.66.4", "2.25.1", "results/x.dcm")
+    queue.set_results(job_id, [result], JobState.SENDING)
+    assert [j.id for j in queue.due(now=1e12, limit=10)] == [job_id]
+    queue.record_attempt(job_id, delivered=[], error="pacs: refused", next_attempt_at=1e12 + 5, state=JobState.SENDING)
+    assert queue.due(now=1e12, limit=10) == []
+    job = queue.get(job_id)
+    assert job is not None and job.attempts == 1 and job.error == "pacs: refused" and job.results == (result,)
+    queue.record_attempt(job_id, delivered=["pacs"], error="archive: down", next_attempt_at=0, state=JobState.DEAD)
+    [revived] = queue.revive(None)
+    assert revived.state is JobState.SENDING
+    job = queue.get(job_id)
+    assert job is not None and job.attempts == 0 and job.delivered == () and job.state is JobState.SENDING
+
+
+def test_recover_returns_interrupted_jobs_to_received(tmp_path: Path) -> None:
+    queue = SQLiteQueue(tmp_path / "q.sqlite")
+    for uid in ("1.1", "1.2", "1.3"):
+        queue.add(new_job(uid))
+    a, b, _ = queue.claim(3)
+    queue.set_state(b.id, JobState.WRITING)
+    queue.close()
+    reopened = SQLiteQueue(tmp_path / "q.sqlite")
+    assert reopened.recover() == 3
+    assert reopened.counts()[JobState.RECEIVED] == 3
+
+
+def test_claims_from_many_threads_never_overlap(tmp_path: Path) -> None:
+    queue = SQLiteQueue(tmp_path / "q.sqlite")
+    for i in range(200):
+        queue.add(new_job(f"1.{i}"))
+    taken: list[int] = []
+    lock = threading.Lock()
+
+    def take() -> None:
+        while jobs := queue.claim(3):
+            with lock:
+                taken.extend(j.id for j in jobs)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(taken) == sorted(set(taken)) and len(taken) == 200
+
+
+def test_unwritable_database_is_a_queue_error(tmp_path: Path) -> None:
+    (tmp_path / "dir.sqlite").mkdir()
+    with pytest.raises(QueueError, match="dir.sqlite"):
+        SQLiteQueue(tmp_path / "dir.sqlite")
+
+
+def test_durable_write_is_all_or_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b.dcm"
+    write_durably(target, b"x" * 100)
+    assert target.read_bytes() == b"x" * 100
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SpoolError):
+        write_durably(blocker / "c.dcm", b"data")  # parent is a file
+    assert not list(tmp_path.rglob(".part-*"))
+
+
+def test_spool_paths_only_for_real_uids(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.prepare()
+    path = spool.store_object("1.2.3", b"dicom")
+    assert path.name == "1.2.3.dcm" and path.parent.parent == spool.root
+    for bad in ("../../etc/passwd", "1.2.a", "", "1." * 40 + "1"):
+        with pytest.raises(ValueError):
+            safe_uid(bad)
+
+
+def test_prepare_removes_partial_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.prepare()
+    (spool.temp / ".part-123").write_bytes(b"half")
+    (spool.results / "1.2").mkdir()
+    (spool.results / "1.2" / ".part-9").write_bytes(b"half")
+    assert spool.prepare() == 2
+    assert not os.listdir(spool.temp)
