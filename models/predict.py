@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from models.errors import WeightsError
 from models.finding import Finding, Opacity, Thresholds
 from models.nets import DetectorConfig, LungConfig, build_detector, build_lung_segmenter
-from models.preprocess import check_image, detector_shape, to_network_input
+from models.preprocess import check_image, detector_shape, letterbox, to_network_input
 from models.severity import lung_involvement
 from models.weights import DEMO_WEIGHTS, MANIFEST, load_into, load_network, read_manifest, thresholds_of
 
@@ -104,18 +104,20 @@ class Predictor:
     @torch.inference_mode()
     def detect(self, images: Sequence[np.ndarray]) -> list[RawDetections]:
         """Detector only, at network resolution (used by evaluation and training's validation too)."""
-        inputs = []
-        for image in images:
-            shape = detector_shape(*image.shape, self.detector_config.input_size)
-            inputs.append(to_network_input(image, shape).to(self.device, non_blocking=True))
+        size = self.detector_config.input_size
+        shapes = [detector_shape(*image.shape, size) for image in images]
+        batch = torch.stack([letterbox(to_network_input(i, s), size) for i, s in zip(images, shapes, strict=True)])
         with torch.autocast(self.device.type, enabled=self.autocast):
-            outputs = self.detector(inputs)
+            outputs = self.detector(list(batch.to(self.device, non_blocking=True)))
+        for output, (rows, columns) in zip(outputs, shapes, strict=True):  # nothing lies in the letterbox padding
+            output["boxes"][:, 0::2] = output["boxes"][:, 0::2].clamp(0, columns)
+            output["boxes"][:, 1::2] = output["boxes"][:, 1::2].clamp(0, rows)
         return [
             RawDetections(
-                boxes=o["boxes"].float(), scores=o["scores"].float(), masks=o["masks"].float(),
-                network_shape=tuple(x.shape[-2:]),  # type: ignore[arg-type]
+                boxes=o["boxes"].float(), scores=o["scores"].float(),
+                masks=o["masks"].float()[..., : shape[0], : shape[1]], network_shape=shape,
             )
-            for o, x in zip(outputs, inputs, strict=True)
+            for o, shape in zip(outputs, shapes, strict=True)
         ]
 
     @torch.inference_mode()

@@ -70,3 +70,15 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
 def to_network_input(image: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
     """One radiograph → a (3, rows, columns) float tensor in [0, 1] of the given shape."""
     return normalize(resize(image, shape)).expand(3, -1, -1).contiguous()
+
+
+def letterbox(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Pad a (..., rows, columns) tensor with zeros at the bottom and right to (..., size, size).
+
+    The detector always sees size x size, so a batch is a plain stack and an image's result never depends on which
+    other images share its batch (torchvision would otherwise pad each batch to its largest member). Padding at the
+    bottom and right keeps pixel coordinates unchanged."""
+    rows, columns = image.shape[-2:]
+    if rows > size or columns > size:
+        raise ValueError(f"image {rows} x {columns} does not fit a {size} x {size} letterbox")
+    return F.pad(image, (0, size - columns, 0, size - rows))

@@ -43,7 +43,7 @@ from models.engine import (
 from models.metrics import ImageDetections, map50, roc_auc, rsna_map
 from models.nets import BACKBONES, DetectorConfig, build_detector
 from models.predict import resolve_device
-from models.preprocess import detector_shape, to_network_input
+from models.preprocess import detector_shape, letterbox, to_network_input
 from models.weights import save_network, set_manifest_fields
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,8 @@ def ellipse_masks(boxes: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 class TrainingSet(Dataset):
     """Cached radiographs with augmentation: flips, scale and shift, exposure/contrast/gamma/noise."""
 
-    def __init__(self, items: list[Cached], augment: bool, seed: int) -> None:
-        self.items, self.augment, self.seed = items, augment, seed
+    def __init__(self, items: list[Cached], augment: bool, seed: int, size: int) -> None:
+        self.items, self.augment, self.seed, self.size = items, augment, seed, size
         self.geometry = v2.Compose(
             [v2.RandomHorizontalFlip(0.5), v2.RandomAffine(degrees=0, translate=(0.06, 0.06), scale=(0.85, 1.15))]
         )
@@ -152,11 +152,11 @@ class TrainingSet(Dataset):
             image = photometric_augment(image.as_subclass(torch.Tensor), generator)
         size = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
         boxes = boxes[size >= 16].reshape(-1, 4)
-        shape = (image.shape[-2], image.shape[-1])
+        image = letterbox(image, self.size)
         target = {
             "boxes": boxes,
             "labels": torch.ones(len(boxes), dtype=torch.int64),
-            "masks": ellipse_masks(boxes, shape),
+            "masks": ellipse_masks(boxes, (self.size, self.size)),
         }
         return image.expand(3, -1, -1).contiguous(), target
 
@@ -179,14 +179,14 @@ def split_records(records: list[Record], fraction: float) -> tuple[list[Record],
 
 @torch.inference_mode()
 def detect_cached(
-    model: torch.nn.Module, items: list[Cached], device: torch.device, batch_size: int
+    model: torch.nn.Module, items: list[Cached], device: torch.device, batch_size: int, size: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(boxes, scores) per cached image at cache resolution."""
     model.eval()
     out = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        images = [i.image.float()[None].expand(3, -1, -1).to(device) for i in chunk]
+        images = [letterbox(i.image.float()[None], size).expand(3, -1, -1).to(device) for i in chunk]
         for prediction in model(images):
             out.append((prediction["boxes"].float().cpu().numpy(), prediction["scores"].float().cpu().numpy()))
     return out
@@ -268,7 +268,7 @@ def main(args: argparse.Namespace) -> int:
         start_epoch, iteration, best, history = state["epoch"] + 1, state["iteration"], state["best"], state["history"]
         log.info("resumed from %s after epoch %d", args.resume, start_epoch)
 
-    dataset = TrainingSet(train_items, augment=True, seed=args.seed)
+    dataset = TrainingSet(train_items, augment=True, seed=args.seed, size=config.input_size)
     epochs = sum(stage.epochs for stage in args.lr_schedule)
     lr_scale = args.batch_size / args.lr_reference_batch
     for epoch in range(start_epoch, epochs):
@@ -292,7 +292,7 @@ def main(args: argparse.Namespace) -> int:
             warmup_iters=args.warmup_iters, max_iters=args.max_iters, scaler=scaler, device=device,
             progress=not args.no_progress,
         )
-        predictions = detect_cached(model, val_items, device, args.batch_size)
+        predictions = detect_cached(model, val_items, device, args.batch_size, config.input_size)
         threshold, _ = best_threshold(val_items, predictions)
         scores = detection_scores(val_items, predictions, threshold)
         record = {"epoch": epoch + 1, "lr": lr, "loss": loss, "threshold": threshold, **scores,

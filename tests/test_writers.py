@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_validation import assert_valid_dicom, dciodvfy_available, dciodvfy_report
+from result_checks import check_report, check_segmentation
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.uid import ExplicitVRLittleEndian, UID
@@ -247,8 +248,8 @@ def check_results(source: Dataset, finding: Finding, seg_path: Path, sr_path: Pa
     seg = hd.seg.segread(seg_path)
     sr = hd.sr.srread(sr_path)
     check_identity(source, seg, sr)
-    check_segmentation(source, finding, seg)
-    check_report(source, finding, seg, sr, spacing)
+    check_segmentation(source, finding, seg, MODEL_VERSION)
+    check_report(source, finding, seg, sr, spacing, MODEL_VERSION)
 
 
 def check_identity(source: Dataset, seg: Dataset, sr: Dataset) -> None:
@@ -266,105 +267,6 @@ def check_identity(source: Dataset, seg: Dataset, sr: Dataset) -> None:
     assert seg.Modality == "SEG" and sr.Modality == "SR"
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.22"  # Enhanced SR
     assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
-
-
-def check_segmentation(source: Dataset, finding: Finding, seg: hd.seg.Segmentation) -> None:
-    assert seg.SegmentationType == "BINARY"
-    assert int(seg.NumberOfFrames) == 3  # an empty opacity segment keeps its all-zero frame
-    labels = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
-    assert labels == {OPACITY_SEGMENT: "Lung opacity", RIGHT_LUNG_SEGMENT: "Right lung", LEFT_LUNG_SEGMENT: "Left lung"}
-    types = {int(s.SegmentNumber): s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence}
-    assert types == {OPACITY_SEGMENT: "112001", RIGHT_LUNG_SEGMENT: "3341006", LEFT_LUNG_SEGMENT: "44029006"}
-    for segment in seg.SegmentSequence:
-        assert segment.SegmentAlgorithmType == "AUTOMATIC"
-        algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
-        assert algorithm.AlgorithmVersion == MODEL_VERSION
-        assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
-    pixels = seg.get_pixels_by_source_instance(
-        [source.SOPInstanceUID], segment_numbers=[OPACITY_SEGMENT, RIGHT_LUNG_SEGMENT, LEFT_LUNG_SEGMENT]
-    )
-    assert pixels.shape == (1, *finding.image_shape, 3)
-    np.testing.assert_array_equal(pixels[0, :, :, 0].astype(bool), finding.opacity_mask)
-    np.testing.assert_array_equal(pixels[0, :, :, 1].astype(bool), finding.right_lung)
-    np.testing.assert_array_equal(pixels[0, :, :, 2].astype(bool), finding.left_lung)
-    referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
-    assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
-    assert referenced.ReferencedSOPClassUID == source.SOPClassUID
-
-
-def measurement_value(group, name, laterality=None) -> float | None:
-    matches = []
-    for measurement in group.get_measurements(name=name):
-        sites = measurement.finding_sites
-        if laterality is None or (sites and sites[0].laterality == laterality):
-            matches.append(measurement)
-    assert len(matches) <= 1
-    return None if not matches else float(matches[0].value)
-
-
-def check_report(source: Dataset, finding: Finding, seg: Dataset, sr: hd.sr.EnhancedSR, spacing) -> None:
-    report = sr.content
-    evidence = {uid for _, _, uid, _ in sr.get_evidence(current_procedure_only=True)}
-    assert evidence == {source.SOPInstanceUID, seg.SOPInstanceUID}
-
-    (observer,) = report.get_observer_contexts(observer_type=pydicom_codes.DCM.Device)
-    device = observer.observer_identifying_attributes
-    assert device.uid == uids.device_observer_uid(MODEL_VERSION)
-    assert device.name == "cxrnode" and device.model_name == MODEL_VERSION
-
-    (image_group,) = report.get_image_measurement_groups()
-    assert image_group.finding_type == writer_codes.OPACITY
-    (present,) = [q for q in image_group.get_qualitative_evaluations() if q.name == writer_codes.OPACITY]
-    assert present.value == (writer_codes.YES if finding.opacity_present else writer_codes.NO)
-    assert measurement_value(image_group, writer_codes.CERTAINTY_OF_FINDING) == pytest.approx(
-        100 * finding.opacity_probability
-    )
-    sides = (
-        (writer_codes.RIGHT, finding.severity.right, finding.extent.right),
-        (writer_codes.LEFT, finding.severity.left, finding.extent.left),
-        (writer_codes.BILATERAL, finding.severity.total, finding.extent.total),
-    )
-    for laterality, percent, score in sides:
-        assert measurement_value(image_group, writer_codes.EXTENT, laterality) == pytest.approx(percent, abs=1e-9)
-        assert measurement_value(image_group, writer_codes.GEOGRAPHIC_EXTENT_SCORE, laterality) == score
-
-    planar = report.get_planar_roi_measurement_groups()
-    assert len(planar) == len(finding.opacities)
-    for number, (group, opacity) in enumerate(zip(planar, finding.opacities, strict=True), start=1):
-        assert group.tracking_identifier == f"Lung opacity {number}"
-        assert group.tracking_uid == uids.tracking_uid(source.SOPInstanceUID, MODEL_VERSION, f"sr/opacity-{number}")
-        assert group.finding_type == writer_codes.OPACITY
-        region = group.roi
-        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
-        # Graphic Data is FL: the box survives to float32 precision.
-        np.testing.assert_array_equal(region.value, box_polyline(opacity.box).astype(np.float32))
-        image = region.ContentSequence[0].ReferencedSOPSequence[0]  # SELECTED FROM: the source image
-        assert image.ReferencedSOPInstanceUID == source.SOPInstanceUID
-        assert image.ReferencedSOPClassUID == source.SOPClassUID
-        assert measurement_value(group, writer_codes.CERTAINTY_OF_FINDING) == pytest.approx(100 * opacity.score)
-        area = measurement_value(group, writer_codes.AREA)
-        if spacing is None:
-            assert area is None
-        else:
-            x0, y0, x1, y1 = opacity.box
-            assert area == pytest.approx((x1 - x0) * (y1 - y0) * spacing[0] * spacing[1])
-
-    volumetric = report.get_volumetric_roi_measurement_groups()
-    masks = {OPACITY_SEGMENT: finding.opacity_mask, RIGHT_LUNG_SEGMENT: finding.right_lung,
-             LEFT_LUNG_SEGMENT: finding.left_lung}
-    expected_segments = [number for number, mask in masks.items() if mask.any()]
-    assert [g.referenced_segment.referenced_segment_numbers[0] for g in volumetric] == expected_segments
-    seg_tracking = {int(s.SegmentNumber): s.TrackingUID for s in seg.SegmentSequence}
-    for group in volumetric:
-        reference = group.referenced_segment
-        number = reference.referenced_segment_numbers[0]
-        assert reference.referenced_sop_instance_uid == seg.SOPInstanceUID
-        assert group.tracking_uid == seg_tracking[number]
-        area = measurement_value(group, writer_codes.AREA)
-        if spacing is None:
-            assert area is None
-        else:
-            assert area == pytest.approx(masks[number].sum() * spacing[0] * spacing[1])
 
 
 # --- Tests ---------------------------------------------------------------------------------------------------------
