@@ -13,6 +13,12 @@ upsampled; masks and boxes are drawn at the full resolution from the same geomet
 Pixel coordinates are continuous with the origin at the top-left corner of the top-left pixel: the pixel in row i,
 column j covers [j, j+1) x [i, i+1) and its centre is (j + 0.5, i + 0.5).
 
+The dataset layout is described at `generate_dataset`. The box statistics are recomputed (when the RSNA files are at
+hand; the generator itself never reads them) with::
+
+    from models.synth import write_box_stats
+    write_box_stats(Path("stage_2_train_labels.csv"), Path("stage_2_detailed_class_info.csv"))
+
 Command line: ``python -m models.synth OUT --n 100 --seed 1`` (the same parser is `cxrnode synth`).
 """
 
@@ -26,8 +32,8 @@ import math
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Sequence
 
 import numpy as np
@@ -52,7 +58,7 @@ WORK_MAX_PX = 1024
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_IMAGE_STORAGE_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-SOP_CLASS_FOR_MODALITY = {"CR": CR_IMAGE_STORAGE, "DX": DX_IMAGE_STORAGE_FOR_PRESENTATION}
+SOP_CLASS_FOR_MODALITY = MappingProxyType({"CR": CR_IMAGE_STORAGE, "DX": DX_IMAGE_STORAGE_FOR_PRESENTATION})
 PHOTOMETRIC_INTERPRETATIONS = ("MONOCHROME1", "MONOCHROME2")
 VIEW_POSITIONS = ("PA", "AP")
 OPACITY_KINDS = ("consolidation", "ground-glass")
@@ -202,7 +208,6 @@ def write_box_stats(labels_csv: Path, class_info_csv: Path | None = None, out: P
     out.write_text(f'{text},\n "sample": [\n  {rows}\n ]\n}}\n')
 
 
-@lru_cache(maxsize=4)
 def load_box_stats(path: Path = BOX_STATS_PATH) -> BoxStats:
     """The RSNA statistics the generator samples from (the committed JSON next to this module)."""
     try:
@@ -218,8 +223,13 @@ def load_box_stats(path: Path = BOX_STATS_PATH) -> BoxStats:
         one_per_lung_fraction_two_boxes=float(raw["one_per_lung_fraction_two_boxes"]),
         right_lung_fraction_one_box=float(raw["right_lung_fraction_one_box"]),
         normal_fraction_of_negatives=float(raw.get("normal_fraction_of_negatives", 0.5)),
-        boxes=np.asarray(raw["sample"], dtype=np.float64),
+        boxes=_read_only(np.asarray(raw["sample"], dtype=np.float64)),
     )
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
 
 
 def sample_box_count(rng: np.random.Generator, stats: BoxStats | None = None) -> int:
@@ -359,20 +369,20 @@ def _rib_half_width(v: np.ndarray | float, apex_width: float) -> np.ndarray:
 
 # The patient's right lung (u < 0), apex first, clockwise on the display: lateral wall, costophrenic angle, dome,
 # cardiophrenic angle, medial border. The left lung mirrors it with its own dome and costophrenic angle.
-_RIGHT_LUNG = np.array(
+_RIGHT_LUNG = _read_only(np.array(
     [
         (-0.34, 0.00), (-0.50, 0.04), (-0.68, 0.18), (-0.81, 0.42), (-0.88, 0.72), (-0.91, 1.02), (-0.925, 1.28),
         (-0.93, 1.45), (-0.86, 1.40), (-0.72, 1.29), (-0.52, 1.20), (-0.36, 1.18), (-0.22, 1.22), (-0.13, 1.30),
         (-0.11, 1.05), (-0.105, 0.78), (-0.12, 0.52), (-0.13, 0.30), (-0.16, 0.12), (-0.24, 0.02),
     ]
-)
+))
 # The heart, from the superior vena cava round the right atrium, under the diaphragm, up the left ventricle.
-_HEART = np.array(
+_HEART = _read_only(np.array(
     [
-        (-0.10, 0.60), (-0.20, 0.74), (-0.27, 0.92), (-0.27, 1.12), (-0.20, 1.34), (0.05, 1.46), (0.40, 1.44),
-        (0.56, 1.28), (0.55, 1.08), (0.44, 0.88), (0.27, 0.72), (0.12, 0.62),
+        (-0.10, 0.60), (-0.20, 0.74), (-0.27, 0.92), (-0.27, 1.12), (-0.20, 1.34), (0.05, 1.46), (0.40, 1.46),
+        (0.55, 1.34), (0.59, 1.18), (0.55, 1.0), (0.44, 0.86), (0.30, 0.76), (0.24, 0.66), (0.12, 0.60),
     ]
-)
+))
 
 
 def _sample_anatomy(rng: np.random.Generator, rows: int, cols: int, view_position: str, sex: str) -> _Anatomy:
@@ -408,7 +418,7 @@ def _sample_anatomy(rng: np.random.Generator, rows: int, cols: int, view_positio
     heart[:, 1] = (heart[:, 1] - 0.6) * rng.uniform(0.92, 1.08) * height / 1.45 + 0.6 * height / 1.45
     heart += rng.normal(0.0, 0.01, heart.shape)
     heart = _closed_spline(heart)
-    knob = (rng.uniform(0.11, 0.16), 0.40 * height / 1.45 + rng.uniform(-0.03, 0.03), rng.uniform(0.07, 0.095))
+    knob = (rng.uniform(0.06, 0.1), 0.40 * height / 1.45 + rng.uniform(-0.03, 0.03), rng.uniform(0.08, 0.1))
 
     v_samples = np.array([-1.2, -0.6, -0.42, -0.3, -0.18, -0.05, 0.15, 0.5, 1.0, 1.6, 2.5])
     shoulder = rng.uniform(1.2, 1.4)
@@ -440,9 +450,9 @@ def _sample_anatomy(rng: np.random.Generator, rows: int, cols: int, view_positio
     clav_v = (0.08 if ap else 0.2) + rng.uniform(-0.05, 0.05)  # medial end; the lateral end is higher
     rise = rng.uniform(0.12, 0.24) * (0.6 if ap else 1.0)
     for side in (-1.0, 1.0):
-        pts = _bezier((0.07, clav_v), (0.3, clav_v + 0.05), (0.55, clav_v - 0.45 * rise), (0.88, clav_v - rise))
+        pts = _bezier((0.07, clav_v), (0.32, clav_v + 0.08), (0.5, clav_v - 0.6 * rise), (0.86, clav_v - rise))
         pts[:, 0] *= side
-        clav.append(_Stroke(pts, rng.uniform(0.065, 0.08), 1.0))
+        clav.append(_Stroke(pts, rng.uniform(0.055, 0.07), 1.0))
     scap = []
     scap_in = rng.uniform(0.55, 0.7) if ap else rng.uniform(0.82, 0.95)
     for side in (-1.0, 1.0):
@@ -505,12 +515,12 @@ def _vessel_tree(rng: np.random.Generator, hilum: tuple[float, float], side: flo
     strokes: list[_Stroke] = []
     # (u, v, direction angle, width); angle 0 points laterally, negative upwards.
     stack = [
-        (hilum[0], hilum[1], math.radians(a + rng.normal(0, 8)), rng.uniform(0.02, 0.028))
+        (hilum[0], hilum[1], math.radians(a + rng.normal(0, 8)), rng.uniform(0.024, 0.032))
         for a in (-100, -70, -40, -10, 20, 50, 80)
     ]
     while stack:
         u, v, a, w = stack.pop()
-        if w < 0.0045 or len(strokes) > 300:
+        if w < 0.006 or len(strokes) > 300:
             continue
         step = rng.uniform(0.03, 0.05)
         a = a + rng.normal(0, math.radians(16))
@@ -647,7 +657,7 @@ def _spine(anatomy: _Anatomy, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     phase = np.mod(v - levels[0], spacing) / spacing
     half = 0.075 + 0.012 * np.clip(v, 0.0, 2.0)  # vertebral bodies widen downwards
     band = np.clip((half - np.abs(du)) / 0.025, 0.0, 1.0)
-    body_pattern = 0.55 + 0.3 * np.exp(-(((phase - 0.06) / 0.06) ** 2)) - 0.3 * np.exp(-(((phase - 0.93) / 0.05) ** 2))
+    body_pattern = 0.6 + 0.2 * np.exp(-(((phase - 0.06) / 0.07) ** 2)) - 0.2 * np.exp(-(((phase - 0.93) / 0.06) ** 2))
     pedicles = np.exp(-(((np.abs(du) - 0.75 * half) / 0.018) ** 2 + ((phase - 0.35) / 0.14) ** 2))
     spinous = np.exp(-((du / 0.016) ** 2 + ((phase - 0.62) / 0.16) ** 2))
     return band * body_pattern + 0.6 * pedicles + 0.4 * spinous
@@ -737,7 +747,7 @@ def _make_opacity(
     x0, y0, x1, y1 = box
     cx, cy, a, b = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
     lobes = [(cx, cy, a * rng.uniform(0.9, 0.98), b * rng.uniform(0.9, 0.98), rng.uniform(-0.12, 0.12))]
-    for _ in range(int(rng.integers(0, 4))):
+    for _ in range(int(rng.integers(1, 5))):
         fa, fb = rng.uniform(0.3, 0.6), rng.uniform(0.3, 0.6)
         lobes.append(
             (
@@ -770,9 +780,9 @@ def _make_opacity(
         kind=kind,
         lobes=np.array(lobes, dtype=np.float64),
         border_waves=_random_waves(rng, 6, (2.0, 5.0), rng.uniform(0.08, 0.16)),
-        texture_waves=_random_waves(rng, 8, (4.0, 12.0), 0.12 if consolidation else 0.3),
-        density=rng.uniform(0.72, 0.9) if consolidation else rng.uniform(0.38, 0.5),
-        edge=rng.uniform(0.12, 0.22) if consolidation else rng.uniform(0.25, 0.4),
+        texture_waves=_random_waves(rng, 8, (3.0, 10.0), 0.25 if consolidation else 0.3),
+        density=rng.uniform(0.65, 0.85) if consolidation else rng.uniform(0.45, 0.58),
+        edge=rng.uniform(0.2, 0.35) if consolidation else rng.uniform(0.3, 0.45),
         bronchi=tuple(bronchi),
     )
 
@@ -889,10 +899,10 @@ def _render(rng: np.random.Generator, anatomy: _Anatomy, rows: int, cols: int, o
 
     # Ribs show best over the lungs; over the mediastinum and the abdomen scatter washes them out.
     rib_visibility = 0.2 + 0.8 * np.clip(depth * 3.0, 0.0, 1.0)
-    ribs = 0.11 * _blur(_draw_strokes(shape, body, ws, anatomy.ribs_posterior, inner=0.65), 0.005 * ppu)
+    ribs = 0.09 * _blur(_draw_strokes(shape, body, ws, anatomy.ribs_posterior, inner=0.65), 0.005 * ppu)
     ribs += 0.07 * _blur(_draw_strokes(shape, body, ws, anatomy.ribs_anterior, inner=0.7), 0.008 * ppu)
     bones = 0.12 * _spine(anatomy, u, v) + ribs * rib_visibility
-    bones += 0.16 * _blur(_draw_strokes(shape, body, ws, anatomy.clavicles, inner=0.6), 0.004 * ppu)
+    bones += 0.14 * _blur(_draw_strokes(shape, body, ws, anatomy.clavicles, inner=0.8), 0.006 * ppu)
     bones += 0.05 * _blur(_fill_polygons(shape, body, ws, anatomy.scapulae), 0.01 * ppu)
     for hu, hv, hr in anatomy.humeral_heads:
         bones += 0.14 * _blur(_ellipse_field(u, v, hu, hv, hr, hr * 1.1) ** 0.3, 0.01 * ppu)
@@ -900,7 +910,7 @@ def _render(rng: np.random.Generator, anatomy: _Anatomy, rows: int, cols: int, o
         bones += 0.12 * shaft
     bones *= np.clip(tissue * 4.0, 0.0, 1.0)
 
-    vessels = _blur(_draw_strokes(shape, body, ws, anatomy.vessels), 0.004 * ppu)
+    vessels = _blur(_draw_strokes(shape, body, ws, anatomy.vessels), 0.006 * ppu)
     for hu, hv in anatomy.hila:
         vessels += 0.7 * np.exp(-(((u - hu) / 0.08) ** 2 + ((v - hv) / 0.13) ** 2))
     vessels *= lung_soft
@@ -909,7 +919,7 @@ def _render(rng: np.random.Generator, anatomy: _Anatomy, rows: int, cols: int, o
     for eu, ev, er in anatomy.electrodes:
         ring = _ellipse_field(u, v, eu, ev, er, er)
         devices += 0.5 * (ring > 0) + 0.8 * ((ring > 0) & (ring < 0.45))
-    bubble = 0.0 if anatomy.gastric_bubble is None else _ellipse_field(u, v, *anatomy.gastric_bubble)
+    bubble = 0.0 if anatomy.gastric_bubble is None else _blur(_ellipse_field(u, v, *anatomy.gastric_bubble), 0.01 * ppu)
 
     filled = np.zeros(shape, dtype=np.float32)
     hidden_vessels = np.zeros(shape, dtype=np.float32)
@@ -930,14 +940,15 @@ def _render(rng: np.random.Generator, anatomy: _Anatomy, rows: int, cols: int, o
             for stroke in opacity.bronchi:
                 pts = [(px * ws - 0.5, py * ws - 0.5) for px, py in stroke.points]
                 draw.line(pts, fill=1.0, width=max(1, int(round(stroke.width * ws))), joint="curve")
-            bronchograms = np.maximum(bronchograms, _blur(np.array(image), 0.5) * opacity.density)
+            bronchograms = np.maximum(bronchograms, _blur(np.array(image), 0.004 * ppu) * opacity.density)
     filled = np.clip(filled, 0.0, 1.0)
 
     density = anatomy.tissue_density * tissue
     density += 0.07 * heart + 0.08 * knob + 0.05 * mediastinum * tissue
     density += bones
     density += 0.12 * vessels * (1.0 - np.clip(hidden_vessels, 0.0, 1.0))
-    density -= anatomy.air_density * air * (1.0 - filled + 0.45 * bronchograms * filled)
+    density -= anatomy.air_density * air * (1.0 - filled + 0.3 * bronchograms * filled)
+    density -= anatomy.air_density * 0.18 * heart * np.clip(v / anatomy.height, 0.0, 1.0)  # lung behind the heart
     density -= 0.2 * trachea + 0.3 * bubble
     density += 0.5 * devices
     density += 0.03 * _smooth_noise(rng, shape, 0.006 * ppu) * air  # lung texture
@@ -1086,10 +1097,9 @@ def presentation_image(radiograph: SyntheticRadiograph) -> np.ndarray:
 # DICOM
 # --------------------------------------------------------------------------------------------------------------------
 
-_VIEW_CODES = {
-    "PA": ("272479007", "SCT", "postero-anterior"),
-    "AP": ("399348003", "SCT", "antero-posterior"),
-}
+_VIEW_CODES = MappingProxyType(
+    {"PA": ("272479007", "SCT", "postero-anterior"), "AP": ("399348003", "SCT", "antero-posterior")}
+)
 _CHEST_CODE = ("816094009", "SCT", "Chest")
 _BASE_DATE = np.datetime64("2015-01-01")
 
@@ -1237,7 +1247,6 @@ def make_dataset(
         ds.ImageLaterality = "U"
         ds.AnatomicRegionSequence = DicomSequence([_code_item(_CHEST_CODE)])
         # DX Image
-        ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
         ds.PixelIntensityRelationship = "LOG"
         # +1: lower values mean less X-ray intensity (MONOCHROME1 stores air high); -1 the reverse.
         ds.PixelIntensityRelationshipSign = 1 if monochrome1 else -1
@@ -1342,9 +1351,13 @@ def sample_image_plans(
     return plans
 
 
-def _check_generate_arguments(out: Path, n: int, size_range: tuple[int, int], positive_fraction: float) -> None:
+def _check_generate_arguments(
+    out: Path, n: int, seed: int, size_range: tuple[int, int], positive_fraction: float
+) -> None:
     if n < 1:
         raise ValueError(f"Argument \"n\" must be at least 1, got {n}.")
+    if seed < 0:
+        raise ValueError(f"Argument \"seed\" must be 0 or more, got {seed}.")
     lo, hi = size_range
     if not 64 <= lo <= hi <= 8192:
         raise ValueError(f"Argument \"size_range\" must satisfy 64 <= min <= max <= 8192, got {size_range}.")
@@ -1379,7 +1392,7 @@ def generate_dataset(
 
     The same seed gives byte-identical files."""
     out = Path(out)
-    _check_generate_arguments(out, n, size_range, positive_fraction)
+    _check_generate_arguments(out, n, seed, size_range, positive_fraction)
     stats = load_box_stats()
     plans = sample_image_plans(
         np.random.default_rng([seed, 0]), n, size_range=size_range, positive_fraction=positive_fraction, stats=stats
