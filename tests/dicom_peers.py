@@ -271,6 +271,18 @@ def running_node(tmp: Path, *, destination_port: int | None, extra: str = "", na
         node.kill()
 
 
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def source_of(result: pydicom.Dataset) -> str:
+    """The SOP Instance UID of the image a SEG or SR describes."""
+    if result.SOPClassUID == SEG_CLASS:
+        return str(result.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID)
+    evidence = result.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    return next(str(i.ReferencedSOPInstanceUID) for s in evidence for i in s.ReferencedSOPSequence
+                if i.ReferencedSOPClassUID != SEG_CLASS)
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -19,6 +19,7 @@ from dicom_peers import (
     out_of_scope_files,
     require_dcmtk,
     running_node,
+    source_of,
     storescu,
     synthetic_file,
     transcode,
@@ -30,7 +31,6 @@ from models import Predictor
 from node.pixels import prepare
 from node.writers import pixel_spacing_mm
 
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 pytestmark = pytest.mark.slow
 
 # (name, modality, photometric, bits, transfer syntax)
@@ -71,14 +71,7 @@ def results_by_source(datasets: list[pydicom.Dataset]) -> dict[str, list[pydicom
     """Received result objects grouped by the SOP Instance UID of the image they describe."""
     grouped: dict[str, list[pydicom.Dataset]] = defaultdict(list)
     for ds in datasets:
-        if ds.SOPClassUID == SEG_CLASS:
-            source = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
-        else:
-            evidence = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
-            sources = [i.ReferencedSOPInstanceUID for s in evidence for i in s.ReferencedSOPSequence
-                       if i.ReferencedSOPClassUID != SEG_CLASS]
-            source = sources[0]
-        grouped[str(source)].append(ds)
+        grouped[source_of(ds)].append(ds)
     return grouped
 
 

@@ -1,0 +1,156 @@
+"""Nothing acknowledged is lost: SIGKILL and restart, a destination that is down, association policy, C-ECHO."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from conftest import REPO, free_port
+from dicom_peers import (
+    NodeProcess,
+    StoreSCP,
+    echoscu,
+    require_dcmtk,
+    running_node,
+    source_of,
+    storescu,
+    synthetic_file,
+    wait_until,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    require_dcmtk()
+    folder = tmp_path_factory.mktemp("small")
+    return [synthetic_file(folder, f"img{i}", seed=700 + i, size=(400, 380), positive=i % 3 == 0,
+                           modality="CR" if i % 2 else "DX") for i in range(8)]
+
+
+def jobs(node: NodeProcess) -> dict:
+    done = node.cli("jobs", "--json", "--limit", "1000")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def delivered_uids(pacs: StoreSCP) -> dict[str, set[str]]:
+    """source SOP Instance UID -> the set of result SOP Instance UIDs received for it (files may repeat)."""
+    grouped: dict[str, set[str]] = defaultdict(set)
+    for ds in pacs.received():
+        grouped[source_of(ds)].add(str(ds.SOPInstanceUID))
+    return grouped
+
+
+def sop_uids(paths: list[Path]) -> set[str]:
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+
+
+def test_sigkill_after_acknowledgement_loses_nothing(small_images: list[Path], tmp_path: Path) -> None:
+    """Kill the node twice: once right after the images are acknowledged (jobs received or inferring), once while
+    results wait for a destination that is down. After the last restart every image has one SEG and one SR."""
+    pacs_port = free_port()
+    pacs = StoreSCP("PACS", pacs_port, tmp_path / "pacs")
+    port = free_port()
+    config = write_config(tmp_path / "node.toml", port=port, data_dir=tmp_path / "data", destination_port=pacs_port,
+                          retry="retry_base_s = 0.5\nretry_factor = 1\nretry_max_delay_s = 0.5\nmax_attempts = 1000")
+    node = NodeProcess(config, port, tmp_path / "node.log").start()
+    first, second = small_images[:4], small_images[4:]
+    assert storescu(port, first).returncode == 0
+    node.kill()  # kill point 1: acknowledged, inference not finished
+    node.start()
+    assert storescu(port, second).returncode == 0
+    wait_until(lambda: all(j["state"] == "sending" for j in jobs(node)["jobs"]) and len(jobs(node)["jobs"]) == 8,
+               timeout=120, what="all results written and waiting for the destination")
+    node.kill()  # kill point 2: results written, destination down
+    pacs.start()
+    try:
+        node.start()
+        wait_until(lambda: len(delivered_uids(pacs)) == 8 and all(len(v) == 2 for v in delivered_uids(pacs).values()),
+                   timeout=120, what="every result delivered")
+        wait_until(lambda: all(j["state"] == "done" for j in jobs(node)["jobs"]), timeout=30, what="jobs done")
+        assert node.stop() == 0
+    finally:
+        node.kill()
+        pacs.stop()
+    delivered = delivered_uids(pacs)
+    assert set(delivered) == sop_uids(small_images)
+    assert all(len(results) == 2 for results in delivered.values())  # one SEG UID and one SR UID per image
+    all_results = [uid for results in delivered.values() for uid in results]
+    assert len(all_results) == len(set(all_results)) == 16
+    assert not list((tmp_path / "data" / "spool").rglob("*.dcm"))  # done jobs leave nothing spooled
+
+
+def test_destination_down_then_dead_then_resend(small_images: list[Path], tmp_path: Path) -> None:
+    pacs = StoreSCP("PACS", free_port(), tmp_path / "pacs")
+    images = small_images[:3]
+    with running_node(tmp_path, destination_port=pacs.port) as node:  # 3 attempts, 0.5 s apart at most 2 s
+        assert storescu(node.port, images).returncode == 0
+        wait_until(lambda: [j["state"] for j in jobs(node)["jobs"]] == ["dead"] * 3, timeout=120,
+                   what="jobs dead after max attempts")
+        dead = jobs(node)["jobs"]
+        assert all(j["attempts"] == 3 and j["error"].startswith("pacs: association") for j in dead), dead
+        pacs.start()
+        try:
+            resent = node.cli("resend", "--failed")
+            assert resent.returncode == 0 and "3 job(s) queued again" in resent.stdout
+            wait_until(lambda: len(pacs.files()) == 6, timeout=60, what="results delivered after resend")
+            wait_until(lambda: [j["state"] for j in jobs(node)["jobs"]] == ["done"] * 3, timeout=30, what="done")
+        finally:
+            pacs.stop()
+    assert set(delivered_uids(pacs)) == sop_uids(images)
+
+
+def test_destination_comes_back_before_max_attempts(small_images: list[Path], tmp_path: Path) -> None:
+    pacs_port = free_port()
+    pacs = StoreSCP("PACS", pacs_port, tmp_path / "pacs")
+    port = free_port()
+    config = write_config(tmp_path / "n.toml", port=port, data_dir=tmp_path / "d", destination_port=pacs_port,
+                          retry="retry_base_s = 0.5\nretry_factor = 2\nretry_max_delay_s = 1\nmax_attempts = 100")
+    node = NodeProcess(config, port, tmp_path / "n.log").start()
+    try:
+        assert storescu(port, small_images[:2]).returncode == 0
+        wait_until(lambda: all(j["attempts"] >= 2 for j in jobs(node)["jobs"]), timeout=120, what="retries")
+        pacs.start()
+        wait_until(lambda: len(pacs.files()) == 4, timeout=60, what="delivery once the destination is back")
+    finally:
+        node.kill()
+        pacs.stop()
+
+
+def test_association_policy_and_echo(tmp_path: Path) -> None:
+    require_dcmtk()
+    peers = ('[[peers]]\nname = "modality"\nae_title = "MODALITY"\nhost = "127.0.0.1"\nport = 104\n'
+             'may_send = true\n')
+    with running_node(tmp_path, destination_port=None, extra="") as plain:
+        assert echoscu(plain.port, calling="ANYONE").returncode == 0  # no peers declared: anyone may associate
+        wrong_called = echoscu(plain.port, called="NOT_CXRNODE")
+        assert wrong_called.returncode != 0 and "Called AE Title Not Recognized" in wrong_called.stderr
+        echo = subprocess.run([sys.executable, "-m", "node.cli", "echo", f"CXRNODE@127.0.0.1:{plain.port}"],
+                              capture_output=True, text=True, cwd=REPO)
+        assert echo.returncode == 0 and "success" in echo.stdout
+    port = free_port()
+    config = write_config(tmp_path / "policy.toml", port=port, data_dir=tmp_path / "policy-data",
+                          destination_port=None)
+    config.write_text(config.read_text() + "\n" + peers)
+    node = NodeProcess(config, port, tmp_path / "policy.log").start()
+    try:
+        assert echoscu(port, calling="MODALITY").returncode == 0
+        stranger = echoscu(port, calling="STRANGER")
+        assert stranger.returncode != 0 and "Calling AE Title Not Recognized" in stranger.stderr
+        echo = subprocess.run([sys.executable, "-m", "node.cli", "echo", f"CXRNODE@127.0.0.1:{port}",
+                               "--calling-ae", "STRANGER"], capture_output=True, text=True, cwd=REPO)
+        assert echo.returncode == 1 and "rejected" in echo.stderr
+        time.sleep(0.2)
+        assert "association rejected from STRANGER" in (tmp_path / "policy.log").read_text()
+    finally:
+        node.kill()
