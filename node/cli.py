@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from models.errors import ModelsError
 from node.config import ConfigError, Settings, describe, load_settings, parse_address
 
 log = logging.getLogger(__name__)
@@ -334,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"configuration error:\n{error}", file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ModelsError) as error:
         print(f"cxrnode {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
