@@ -190,6 +190,13 @@ def build_detector(
         ),
         box_score_thresh=config.box_score_floor,
         box_detections_per_img=config.detections_per_image,
+        # A radiograph has at most a handful of opacities (RSNA: 1-4 boxes), not COCO's dozens of objects:
+        # fewer proposals and fewer sampled RoIs cost a fraction of the time for the same recall.
+        rpn_pre_nms_top_n_train=1000,
+        rpn_post_nms_top_n_train=500,
+        rpn_pre_nms_top_n_test=500,
+        rpn_post_nms_top_n_test=200,
+        box_batch_size_per_image=64,
     )
     if pretrained_coco is not None:
         state = _load_state_dict(pretrained_coco, "COCO Mask R-CNN")

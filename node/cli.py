@@ -152,6 +152,7 @@ def _job_dict(job: Any) -> dict[str, Any]:
         "study_instance_uid": job.study_instance_uid, "sop_class_uid": job.sop_class_uid,
         "calling_ae": job.calling_ae, "peer_address": job.peer_address, "attempts": job.attempts,
         "received_at": datetime.datetime.fromtimestamp(job.received_at).isoformat(timespec="seconds"),
+        "received_at_unix": round(job.received_at, 3),
         "updated_at": datetime.datetime.fromtimestamp(job.updated_at).isoformat(timespec="seconds"),
         "delivered": list(job.delivered), "error": job.error,
         "results": [r.__dict__ for r in job.results], "timings": job.timings,
