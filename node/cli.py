@@ -186,6 +186,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
+    from node.audit import AuditLog
     from node.service import open_queue
 
     if not args.jobs and not args.failed:
@@ -197,6 +198,9 @@ def cmd_resend(args: argparse.Namespace) -> int:
         revived = queue.revive(None if args.failed else args.jobs)
     finally:
         queue.close()
+    audit = AuditLog(settings.node.data_dir)
+    audit.record("admin", action="resend", requested=args.jobs or "--failed",
+                 jobs={job.id: job.state.value for job in revived})
     for job in revived:
         log.info("resend: job=%d sop=%s back to %s", job.id, job.sop_instance_uid, job.state.value)
         print(f"job {job.id}: {job.state.value}")

@@ -21,6 +21,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node.audit import AuditLog
 from node.config import Settings
 from node.filters import reason_to_skip
 from node.queue import JobState, NewJob, Queue
@@ -56,6 +57,7 @@ class Receiver:
     spool: Spool
     queue: Queue
     wake_worker: threading.Event
+    audit: AuditLog
 
 
 def handle_echo(event: Event) -> int:
@@ -75,6 +77,8 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
         header = dcmread(BytesIO(data), stop_before_pixels=True)
     except Exception as error:  # a dataset pydicom cannot parse
         log.warning("C-STORE from %s sop=%s refused: cannot parse the data set (%s)", peer, sop_instance, error)
+        receiver.audit.record("instance", outcome="refused", status=f"0x{CANNOT_UNDERSTAND:04X}", peer=peer,
+                              sop_instance_uid=sop_instance, sop_class_uid=sop_class, reason=str(error)[:200])
         return status_dataset(CANNOT_UNDERSTAND, f"cannot parse data set: {error}")
     settings = receiver.settings()
     transfer_syntax = str(event.context.transfer_syntax)
@@ -98,6 +102,8 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
         if existing is not None:
             log.info("C-STORE from %s sop=%s: already job=%d (%s), acknowledged again",
                      peer, sop_instance, existing.id, existing.state)
+            receiver.audit.record("instance", outcome="duplicate", peer=peer, job=existing.id,
+                                  sop_instance_uid=sop_instance, study_instance_uid=new_job.study_instance_uid)
             return SUCCESS
         if reason is None:
             stored = receiver.spool.store_object(sop_instance, data)
@@ -107,10 +113,17 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
         if stored is not None:
             stored.unlink(missing_ok=True)
         log.error("C-STORE from %s sop=%s refused: out of resources (%s)", peer, sop_instance, error)
+        receiver.audit.record("instance", outcome="refused", status=f"0x{OUT_OF_RESOURCES:04X}", peer=peer,
+                              sop_instance_uid=sop_instance, reason=str(error)[:200])
         return status_dataset(OUT_OF_RESOURCES, f"cannot store: {error}")
     if not created and stored is not None:  # another association recorded it first; its file is the same object
         log.info("C-STORE from %s sop=%s: duplicate of job=%d", peer, sop_instance, job_id)
         return SUCCESS
+    receiver.audit.record(
+        "instance", outcome="skipped" if reason else "received", peer=peer, job=job_id, reason=reason,
+        sop_instance_uid=sop_instance, sop_class_uid=sop_class, study_instance_uid=new_job.study_instance_uid,
+        series_instance_uid=new_job.series_instance_uid, transfer_syntax_uid=transfer_syntax,
+    )
     if reason:
         log.info("C-STORE from %s sop=%s job=%d skipped: %s", peer, sop_instance, job_id, reason)
     else:
@@ -131,16 +144,26 @@ def _peer(event: Event) -> str:
     return f"{requestor.ae_title}@{requestor.address}:{requestor.port}"
 
 
-def _log_association(event: Event) -> None:
-    log.info("association %s from %s", event.event.name.removeprefix("EVT_").lower(), _peer(event))
+def _log_accepted(event: Event, receiver: Receiver) -> None:
+    log.info("association accepted from %s", _peer(event))
+    receiver.audit.record("association", outcome="accepted", calling_ae=event.assoc.requestor.ae_title,
+                          called_ae=event.assoc.acceptor.ae_title, address=event.assoc.requestor.address)
 
 
-def _log_rejected(event: Event) -> None:
-    requestor = event.assoc.requestor
-    log.warning(
-        "association rejected from %s@%s:%s calling %s", requestor.ae_title, requestor.address, requestor.port,
-        event.assoc.acceptor.ae_title,
-    )
+def _log_rejected(event: Event, receiver: Receiver) -> None:
+    requestor, acceptor = event.assoc.requestor, event.assoc.acceptor
+    settings = receiver.settings()
+    allowed = settings.allowed_calling_aes()
+    if requestor.primitive is not None and requestor.primitive.called_ae_title != settings.node.ae_title:
+        reason = f"called AE title {requestor.primitive.called_ae_title!r} is not ours"
+    elif allowed is not None and requestor.ae_title not in allowed:
+        reason = f"calling AE title {requestor.ae_title!r} is not an allowed peer"
+    else:
+        reason = "no acceptable presentation context or too many associations"
+    log.warning("association rejected from %s@%s:%s: %s", requestor.ae_title, requestor.address, requestor.port,
+                reason)
+    receiver.audit.record("association", outcome="rejected", reason=reason, calling_ae=requestor.ae_title,
+                          called_ae=acceptor.ae_title, address=requestor.address)
 
 
 def make_ae(settings: Settings) -> AE:
@@ -172,8 +195,8 @@ def start_server(ae: AE, settings: Settings, receiver: Receiver) -> ThreadedAsso
     handlers = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [receiver]),
-        (evt.EVT_ACCEPTED, _log_association),
-        (evt.EVT_REJECTED, _log_rejected),
+        (evt.EVT_ACCEPTED, _log_accepted, [receiver]),
+        (evt.EVT_REJECTED, _log_rejected, [receiver]),
     ]
     server = ae.start_server((settings.node.host, settings.node.port), block=False, evt_handlers=handlers)
     log.info("listening as %s on %s:%d", settings.node.ae_title, settings.node.host, settings.node.port)

@@ -17,8 +17,9 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from node.audit import AuditLog
 from node.config import Peer, SenderSettings, Settings
-from node.queue import Job, JobState, Queue, ResultObject
+from node.queue import Job, JobState, Queue
 from node.spool import Spool
 from node.statuses import DELIVERED
 
@@ -68,13 +69,13 @@ class Sender:
         queue: Queue,
         spool: Spool,
         wake: threading.Event,
-        on_delivered: Callable[[Job, str, Sequence[ResultObject]], None] | None = None,
+        audit: AuditLog,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.spool = spool
         self.wake = wake
-        self.on_delivered = on_delivered
+        self.audit = audit
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="sender", daemon=True)
 
@@ -124,12 +125,17 @@ class Sender:
                 )
             except Exception as error:  # DeliveryError, or a network error pynetdicom raised
                 errors.append(f"{peer.name}: {error}")
+                self.audit.record("delivery", outcome="failed", job=job.id, destination=peer.name,
+                                  ae_title=peer.ae_title, address=f"{peer.host}:{peer.port}", reason=str(error)[:300],
+                                  results=[r.sop_instance_uid for r in job.results])
                 continue
             delivered.add(peer.name)
             log.info("job=%d delivered to %s (%s@%s:%d): %s", job.id, peer.name, peer.ae_title, peer.host, peer.port,
                      " ".join(f"{r.kind}={r.sop_instance_uid}" for r in job.results))
-            if self.on_delivered:
-                self.on_delivered(job, peer.name, job.results)
+            self.audit.record("delivery", outcome="delivered", job=job.id, destination=peer.name,
+                              ae_title=peer.ae_title, address=f"{peer.host}:{peer.port}",
+                              source_sop_instance_uid=job.sop_instance_uid, study_instance_uid=job.study_instance_uid,
+                              results={r.kind: r.sop_instance_uid for r in job.results})
         self.queue.add_timing(job.id, "sending", time.perf_counter() - started)
         if not errors:
             self.queue.record_attempt(job.id, delivered=sorted(delivered), error=None, next_attempt_at=0,
@@ -140,6 +146,8 @@ class Sender:
         error = "; ".join(errors)
         if attempts >= settings.sender.max_attempts:
             log.error("job=%d dead after %d attempts: %s", job.id, attempts, error)
+            self.audit.record("job", outcome="dead", job=job.id, attempts=attempts, reason=error[:300],
+                              source_sop_instance_uid=job.sop_instance_uid)
             self.queue.record_attempt(job.id, delivered=sorted(delivered), error=error, next_attempt_at=0,
                                       state=JobState.DEAD)
             return

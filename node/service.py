@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 from models import Predictor, Thresholds
+from node.audit import AuditLog
 from node.config import ConfigError, Settings, load_settings, with_command_line_peers
 from node.queue import UNFINISHED, JobState
 from node.queue.sqlite import SQLiteQueue
@@ -126,10 +127,11 @@ def serve(
     reconcile(spool, queue)
     predictor = load_predictor(settings)
     wake_worker, wake_sender = threading.Event(), threading.Event()
+    audit = AuditLog(settings.node.data_dir)
     worker = Worker(node.current, queue, spool, predictor, wake_worker, wake_sender)
-    sender = Sender(node.current, queue, spool, wake_sender)
+    sender = Sender(node.current, queue, spool, wake_sender, audit)
     ae = make_ae(settings)
-    server = start_server(ae, settings, Receiver(node.current, spool, queue, wake_worker))
+    server = start_server(ae, settings, Receiver(node.current, spool, queue, wake_worker, audit))
     worker.start()
     sender.start()
     wake_worker.set()
