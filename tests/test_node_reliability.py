@@ -154,3 +154,39 @@ def test_association_policy_and_echo(tmp_path: Path) -> None:
         assert "association rejected from STRANGER" in (tmp_path / "policy.log").read_text()
     finally:
         node.kill()
+
+
+def test_sighup_reloads_peers_without_dropping_associations(tmp_path: Path) -> None:
+    """An association open across the reload keeps working; new associations see the new peer list."""
+    import signal
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    require_dcmtk()
+    port = free_port()
+    config = write_config(tmp_path / "reload.toml", port=port, data_dir=tmp_path / "reload-data",
+                          destination_port=None)
+    node = NodeProcess(config, port, tmp_path / "reload.log").start()
+    try:
+        ae = AE(ae_title="LONGLIVED")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CXRNODE")
+        assert assoc.is_established
+        assert echoscu(port, calling="STRANGER").returncode == 0  # no peers yet: anyone may call
+        config.write_text(config.read_text() + '\n[[peers]]\nname = "modality"\nae_title = "MODALITY"\n'
+                          'host = "127.0.0.1"\nport = 104\nmay_send = true\n')
+        assert node.process is not None
+        node.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reload: 1 peer(s)" in (tmp_path / "reload.log").read_text(), timeout=10, what="reload")
+        assert assoc.send_c_echo().Status == 0  # the open association survived the reload
+        assoc.release()
+        assert echoscu(port, calling="STRANGER").returncode != 0
+        assert echoscu(port, calling="MODALITY").returncode == 0
+        config.write_text("[node]\nport = 'not a number'\n")  # a broken file is refused, the running config kept
+        node.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reload refused" in (tmp_path / "reload.log").read_text(), timeout=10, what="refusal")
+        assert echoscu(port, calling="MODALITY").returncode == 0
+        assert node.stop() == 0  # SIGTERM: clean exit
+    finally:
+        node.kill()
