@@ -27,6 +27,7 @@ reloaded (SIGHUP) by calling :func:`load_settings` again and swapping the object
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -196,6 +197,14 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 PeerName = Annotated[str, AfterValidator(_check_peer_name)]
 CodeString = Annotated[str, AfterValidator(_check_code_string)]
 SOPClassUID = Annotated[str, AfterValidator(storage_sop_class_uid)]
+def _check_network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"expected an IP address or network such as 10.1.2.3 or 10.1.2.0/24 (got {value!r})") from None
+
+
+IPNetworkText = Annotated[str, AfterValidator(_check_network)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Seconds = Annotated[float, Field(gt=0.0)]
 OutputObject = Annotated[Literal["SEG", "SR", "GSPS", "SC"], BeforeValidator(_upper)]
@@ -275,10 +284,20 @@ class NodeSettings(_Section):
     # Maximum PDU length we accept, in bytes. 0 = unlimited: peers send in their largest PDUs, so fewer, larger
     # PDUs per image (pynetdicom's own default would be 16382).
     max_pdu: Annotated[int, AfterValidator(_max_pdu)] = 0
-    network_timeout_s: Seconds = 30.0
+    network_timeout_s: Seconds = 30.0  # also the idle limit: a silent association is aborted after it
     acse_timeout_s: Seconds = 30.0
     dimse_timeout_s: Seconds = 30.0
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 10
+    # Associations one calling AE may hold at the same time (a peer's own max_associations overrides it).
+    max_associations_per_peer: Annotated[int, Field(ge=1, le=1000)] = 4
+    # Low-water mark of the data dir's file system: below either, new associations are refused (transient
+    # A-ASSOCIATE-RJ, the sender retries later) and C-STOREs answer 0xA700, before the disk is actually full.
+    min_free_mb: Annotated[float, Field(ge=0)] = 1024
+    min_free_percent: Annotated[float, Field(ge=0, le=100)] = 1.0
+    # Largest object accepted, and largest decoded image (Rows x Columns x frames x samples x bytes per sample):
+    # bigger ones are refused with 0xA700 before anything is written or decoded.
+    max_object_mb: Annotated[float, Field(gt=0)] = 512
+    max_decoded_mb: Annotated[float, Field(gt=0)] = 1024
 
     @model_validator(mode="after")
     def _absolute_data_dir(self) -> NodeSettings:
@@ -297,10 +316,35 @@ class Peer(_Section):
     port: Port
     may_send: bool = True  # may send images to us (C-STORE) and C-ECHO us
     description: str = ""
+    # Source addresses this peer may call from (IP addresses or networks such as 10.1.2.0/24); empty = any.
+    addresses: Annotated[list[IPNetworkText], AfterValidator(_unique)] = []
+    # Associations this peer may hold at the same time; None = node.max_associations_per_peer.
+    max_associations: Annotated[int, Field(ge=1, le=1000)] | None = None
+    # Send results to this peer over DICOM TLS (needs [tls] certificate and private_key).
+    tls: bool = False
 
     @property
     def address(self) -> Address:
         return Address(self.ae_title, self.host, self.port)
+
+
+class TLSSettings(_Section):
+    """``[tls]``: DICOM TLS (PS3.15 Annex B) for the SCP and for results sent to peers with tls = true."""
+
+    enabled: bool = False  # the SCP accepts only TLS connections when true
+    certificate: Path | None = None  # PEM, our certificate (chain)
+    private_key: Path | None = None  # PEM, its key
+    ca_certificates: Path | None = None  # PEM bundle used to verify peers (clients and destinations)
+    require_client_certificate: bool = False  # the SCP refuses clients without a certificate signed by ca_certificates
+    verify_destinations: bool = True  # check the destination's certificate against ca_certificates
+
+    @model_validator(mode="after")
+    def _complete(self) -> TLSSettings:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("tls.enabled needs tls.certificate and tls.private_key")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("tls.require_client_certificate needs tls.ca_certificates to verify clients against")
+        return self
 
 
 class RoutingRule(_Section):
@@ -398,6 +442,7 @@ class Settings(BaseModel):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     outputs: Outputs = Field(default_factory=Outputs)
     sender: SenderSettings = Field(default_factory=SenderSettings)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
@@ -421,6 +466,9 @@ class Settings(BaseModel):
                 )
             senders.setdefault(peer.ae_title, i)
         known = ", ".join(sorted(names)) or "none: declare them as [[peers]]"
+        for i, peer in enumerate(self.peers):
+            if peer.tls and (self.tls.certificate is None or self.tls.private_key is None):
+                problems.append((("peers", i, "tls"), "tls = true needs [tls] certificate and private_key"))
 
         def check_names(loc: tuple[str | int, ...], destinations: list[str]) -> None:
             for name in destinations:
@@ -607,7 +655,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _resolve_file_paths(data: dict[str, Any], path: Path) -> None:
     """Relative paths written in a file are relative to the file's folder."""
     folder = Path(os.path.abspath(path)).parent
-    for section, key in (("node", "data_dir"), ("inference", "weights")):
+    for section, key in (("node", "data_dir"), ("inference", "weights"), ("tls", "certificate"),
+                         ("tls", "private_key"), ("tls", "ca_certificates")):
         table = data.get(section)
         if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]:
             given = Path(table[key]).expanduser()

@@ -15,6 +15,7 @@ from io import BytesIO
 from pydicom import Dataset, dcmwrite
 
 from models import Finding
+from node.faults import crash_point
 from node.queue import ResultObject
 from node.spool import Spool
 from node.writers.seg import segmentation
@@ -48,5 +49,6 @@ def write_results(
     for kind, ds in build_results(source, finding, objects, content_datetime):
         path = spool.result_path(str(source.StudyInstanceUID), kind, str(ds.SOPInstanceUID))
         spool.store_result(path, encode(ds))
+        crash_point("writing")
         results.append(ResultObject(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID), spool.relative(path)))
     return results

@@ -1,16 +1,24 @@
 """The Storage SCP: association policy, and the C-ECHO and C-STORE handlers.
 
-The C-STORE handler only writes, records and answers: the object goes to the spool (temporary file, fsync, atomic
-rename, directory fsync), its job is committed to the queue, and only then is Success returned. Pixel data is not
-decoded here; the worker does that. A disk or database failure answers 0xA700 (Out of Resources) and leaves no file.
+The C-STORE handler only checks, writes, records and answers: the object goes to the spool (temporary file, fsync,
+atomic rename, directory fsync), its job is committed to the queue, and only then is Success returned. Pixel data is
+not decoded here; the worker does that. A disk or database failure answers 0xA700 (Out of Resources) and leaves no
+file.
+
+Association policy (`admission_refusal`, run when an A-ASSOCIATE-RQ arrives): the called AE title must be ours; when
+peers with may_send are declared, the calling AE title must be one of them, calling from one of its addresses when
+it lists some; each peer holds at most its share of associations; and while the disk is below its low-water mark,
+or the node is stopping, new associations are refused as transient (the sender should retry later).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from io import BytesIO
 
 from pydicom import Dataset, dcmread
@@ -22,7 +30,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.audit import AuditLog
-from node.config import Settings
+from node.config import Settings, TLSSettings
+from node.faults import crash_point
 from node.filters import reason_to_skip
 from node.queue import JobState, NewJob, Queue
 from node.queue.sqlite import QueueError
@@ -48,16 +57,117 @@ TRANSFER_SYNTAXES = [
 ]
 """Every transfer syntax the SCP accepts; each one decodes with pydicom and its pixel-data plugins."""
 
+VERIFICATION_TRANSFER_SYNTAXES = TRANSFER_SYNTAXES[:4]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An A-ASSOCIATE-RJ: result (1 permanent, 2 transient), source, reason (PS3.8 9.3.4) and why, for the log."""
+
+    result: int
+    source: int
+    diagnostic: int
+    why: str
+
+
+CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)
+CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
+TEMPORARY_CONGESTION = (0x02, 0x03, 0x01)
+LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+
 
 @dataclass
 class Receiver:
-    """What the C-STORE handler needs: the current settings, the spool, the queue, and a way to wake the worker."""
+    """What the handlers need: the current settings, the spool, the queue, a way to wake the worker, the audit."""
 
     settings: Callable[[], Settings]
     spool: Spool
     queue: Queue
     wake_worker: threading.Event
     audit: AuditLog
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def low_on_disk(self) -> str | None:
+        """Why the data dir is below its low-water mark, or None."""
+        node = self.settings().node
+        free, total = self.spool.free_bytes(), self.spool.total_bytes()
+        if free < node.min_free_mb * 1e6:
+            return f"only {free / 1e6:.0f} MB free in {self.spool.data_dir} (low-water mark {node.min_free_mb:g} MB)"
+        if total and 100 * free / total < node.min_free_percent:
+            return f"only {100 * free / total:.2f} % free in {self.spool.data_dir} (low-water mark {node.min_free_percent:g} %)"
+        return None
+
+
+# -- association policy -----------------------------------------------------------------------------------------------
+
+
+def admission_refusal(
+    settings: Settings, calling_ae: str, called_ae: str, address: str, active_from_caller: int,
+    low_on_disk: str | None, stopping: bool,
+) -> Refusal | None:
+    """None to go on with the association, else the A-ASSOCIATE-RJ to send and why."""
+    if called_ae.strip() != settings.node.ae_title:
+        return Refusal(*CALLED_AE_NOT_RECOGNISED, f"called AE title {called_ae.strip()!r} is not ours")
+    allowed = settings.allowed_calling_aes()
+    peer = settings.peer_by_ae(calling_ae)
+    if allowed is not None:
+        if calling_ae.strip() not in allowed or peer is None:
+            return Refusal(*CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling_ae.strip()!r} is not an allowed peer")
+        if peer.addresses and not any(
+            ipaddress.ip_address(address) in ipaddress.ip_network(network) for network in peer.addresses
+        ):
+            return Refusal(*CALLING_AE_NOT_RECOGNISED,
+                           f"peer {peer.name} ({calling_ae.strip()}) may not call from {address}")
+    if stopping:
+        return Refusal(*TEMPORARY_CONGESTION, "the node is shutting down")
+    limit = (peer.max_associations if peer and peer.max_associations else None) or settings.node.max_associations_per_peer
+    if active_from_caller >= limit:
+        return Refusal(*LOCAL_LIMIT_EXCEEDED,
+                       f"{calling_ae.strip()} already holds {active_from_caller} association(s), its limit is {limit}")
+    if low_on_disk:
+        return Refusal(*TEMPORARY_CONGESTION, low_on_disk)
+    return None
+
+
+def handle_requested(event: Event, receiver: Receiver) -> None:
+    """EVT_REQUESTED: apply `admission_refusal`; a refusal is sent as A-ASSOCIATE-RJ before any negotiation."""
+    assoc = event.assoc
+    request = assoc.requestor.primitive
+    calling = assoc.requestor.ae_title or (request.calling_ae_title if request else "")
+    called = request.called_ae_title if request is not None else ""
+    active = sum(
+        1 for other in assoc.ae.active_associations
+        if other is not assoc and other.is_acceptor and other.requestor.ae_title == calling
+    )
+    refusal = admission_refusal(receiver.settings(), calling, called, assoc.requestor.address, active,
+                                receiver.low_on_disk(), receiver.stopping.is_set())
+    if refusal is None:
+        return
+    log.warning("association rejected from %s@%s:%s: %s", calling, assoc.requestor.address, assoc.requestor.port,
+                refusal.why)
+    receiver.audit.record("association", outcome="rejected", reason=refusal.why, calling_ae=calling,
+                          called_ae=called, address=assoc.requestor.address,
+                          rejection=f"{refusal.result}/{refusal.source}/{refusal.diagnostic}")
+    assoc.acse.send_reject(refusal.result, refusal.source, refusal.diagnostic)
+    assoc.kill()  # as pynetdicom does after its own rejections: the A-ASSOCIATE-RJ goes out before the socket closes
+
+
+def _log_accepted(event: Event, receiver: Receiver) -> None:
+    log.info("association accepted from %s", _peer(event))
+    receiver.audit.record("association", outcome="accepted", calling_ae=event.assoc.requestor.ae_title,
+                          called_ae=event.assoc.acceptor.ae_title, address=event.assoc.requestor.address)
+
+
+def _log_rejected(event: Event, receiver: Receiver) -> None:
+    """Rejections pynetdicom makes itself after our admission (e.g. the node-wide association limit)."""
+    requestor = event.assoc.requestor
+    log.warning("association rejected from %s@%s:%s by the DICOM stack (e.g. max_associations reached)",
+                requestor.ae_title, requestor.address, requestor.port)
+    receiver.audit.record("association", outcome="rejected", reason="node-wide association limit or negotiation",
+                          calling_ae=requestor.ae_title, address=requestor.address)
+
+
+# -- C-ECHO and C-STORE -----------------------------------------------------------------------------------------------
 
 
 def handle_echo(event: Event) -> int:
@@ -65,22 +175,48 @@ def handle_echo(event: Event) -> int:
     return SUCCESS
 
 
+def decoded_size(header: Dataset) -> int:
+    """Bytes the pixel data would take decoded, from the header alone."""
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    bits = int(header.get("BitsAllocated", 16) or 16)
+    return int(header.get("Rows", 0) or 0) * int(header.get("Columns", 0) or 0) * frames * samples * max(1, bits // 8)
+
+
+def _refuse(receiver: Receiver, peer: str, sop_instance: str, status: int, why: str) -> Dataset:
+    log.warning("C-STORE from %s sop=%s refused (0x%04X): %s", peer, sop_instance, status, why)
+    receiver.audit.record("instance", outcome="refused", status=f"0x{status:04X}", peer=peer,
+                          sop_instance_uid=sop_instance, reason=why[:300])
+    return status_dataset(status, why)
+
+
 def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
-    """Store durably, record the job, then answer. Every failure becomes a status; nothing is half-kept."""
+    """Check, store durably, record the job, then answer. Every failure becomes a status; nothing is half-kept."""
     peer = _peer(event)
     request = event.request
     sop_class = str(request.AffectedSOPClassUID)
     sop_instance = str(request.AffectedSOPInstanceUID)
+    settings = receiver.settings()
     try:
         safe_uid(sop_instance)
         data = event.encoded_dataset(include_meta=True)
         header = dcmread(BytesIO(data), stop_before_pixels=True)
-    except Exception as error:  # a dataset pydicom cannot parse
-        log.warning("C-STORE from %s sop=%s refused: cannot parse the data set (%s)", peer, sop_instance, error)
-        receiver.audit.record("instance", outcome="refused", status=f"0x{CANNOT_UNDERSTAND:04X}", peer=peer,
-                              sop_instance_uid=sop_instance, sop_class_uid=sop_class, reason=str(error)[:200])
-        return status_dataset(CANNOT_UNDERSTAND, f"cannot parse data set: {error}")
-    settings = receiver.settings()
+    except Exception as error:  # a data set pydicom cannot parse
+        return _refuse(receiver, peer, sop_instance, CANNOT_UNDERSTAND, f"cannot parse data set: {error}")
+    crash_point("received")
+    if str(header.get("SOPInstanceUID", sop_instance)) != sop_instance:
+        return _refuse(receiver, peer, sop_instance, CANNOT_UNDERSTAND,
+                       "SOP Instance UID in the data set differs from the C-STORE request's")
+    if len(data) > settings.node.max_object_mb * 1e6:
+        return _refuse(receiver, peer, sop_instance, OUT_OF_RESOURCES,
+                       f"object is {len(data) / 1e6:.0f} MB, above max_object_mb {settings.node.max_object_mb:g}")
+    if decoded_size(header) > settings.node.max_decoded_mb * 1e6:
+        return _refuse(receiver, peer, sop_instance, OUT_OF_RESOURCES,
+                       f"image would decode to {decoded_size(header) / 1e6:.0f} MB, above max_decoded_mb "
+                       f"{settings.node.max_decoded_mb:g}")
+    low = receiver.low_on_disk()
+    if low:
+        return _refuse(receiver, peer, sop_instance, OUT_OF_RESOURCES, low)
     transfer_syntax = str(event.context.transfer_syntax)
     reason = reason_to_skip(header, sop_class, settings.filters)
     new_job = NewJob(
@@ -91,7 +227,7 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
         transfer_syntax_uid=transfer_syntax,
         calling_ae=event.assoc.requestor.ae_title,
         called_ae=event.assoc.acceptor.ae_title,
-        peer_address=peer.split(" ", 1)[-1],
+        peer_address=event.assoc.requestor.address,
         spool_path=None,
         state=JobState.SKIPPED if reason else JobState.RECEIVED,
         error=reason,
@@ -107,15 +243,13 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
             return SUCCESS
         if reason is None:
             stored = receiver.spool.store_object(sop_instance, data)
-            new_job = _with_spool_path(new_job, receiver.spool.relative(stored))
+            new_job = replace(new_job, spool_path=receiver.spool.relative(stored))
+            crash_point("spooled")
         job_id, created = receiver.queue.add(new_job)
     except (SpoolError, QueueError, OSError) as error:
         if stored is not None:
             stored.unlink(missing_ok=True)
-        log.error("C-STORE from %s sop=%s refused: out of resources (%s)", peer, sop_instance, error)
-        receiver.audit.record("instance", outcome="refused", status=f"0x{OUT_OF_RESOURCES:04X}", peer=peer,
-                              sop_instance_uid=sop_instance, reason=str(error)[:200])
-        return status_dataset(OUT_OF_RESOURCES, f"cannot store: {error}")
+        return _refuse(receiver, peer, sop_instance, OUT_OF_RESOURCES, f"cannot store: {error}")
     if not created and stored is not None:  # another association recorded it first; its file is the same object
         log.info("C-STORE from %s sop=%s: duplicate of job=%d", peer, sop_instance, job_id)
         return SUCCESS
@@ -133,37 +267,24 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
     return SUCCESS
 
 
-def _with_spool_path(job: NewJob, path: str) -> NewJob:
-    from dataclasses import replace
-
-    return replace(job, spool_path=path)
-
-
 def _peer(event: Event) -> str:
     requestor = event.assoc.requestor
     return f"{requestor.ae_title}@{requestor.address}:{requestor.port}"
 
 
-def _log_accepted(event: Event, receiver: Receiver) -> None:
-    log.info("association accepted from %s", _peer(event))
-    receiver.audit.record("association", outcome="accepted", calling_ae=event.assoc.requestor.ae_title,
-                          called_ae=event.assoc.acceptor.ae_title, address=event.assoc.requestor.address)
+# -- the server -------------------------------------------------------------------------------------------------------
 
 
-def _log_rejected(event: Event, receiver: Receiver) -> None:
-    requestor, acceptor = event.assoc.requestor, event.assoc.acceptor
-    settings = receiver.settings()
-    allowed = settings.allowed_calling_aes()
-    if requestor.primitive is not None and requestor.primitive.called_ae_title != settings.node.ae_title:
-        reason = f"called AE title {requestor.primitive.called_ae_title!r} is not ours"
-    elif allowed is not None and requestor.ae_title not in allowed:
-        reason = f"calling AE title {requestor.ae_title!r} is not an allowed peer"
-    else:
-        reason = "no acceptable presentation context or too many associations"
-    log.warning("association rejected from %s@%s:%s: %s", requestor.ae_title, requestor.address, requestor.port,
-                reason)
-    receiver.audit.record("association", outcome="rejected", reason=reason, calling_ae=requestor.ae_title,
-                          called_ae=acceptor.ae_title, address=requestor.address)
+def server_tls_context(tls: TLSSettings) -> ssl.SSLContext:
+    """TLS 1.2+ server context; with require_client_certificate, clients must present a certificate we trust."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    assert tls.certificate is not None and tls.private_key is not None  # checked by TLSSettings
+    context.load_cert_chain(tls.certificate, tls.private_key)
+    if tls.ca_certificates is not None:
+        context.load_verify_locations(tls.ca_certificates)
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
+    return context
 
 
 def make_ae(settings: Settings) -> AE:
@@ -171,33 +292,30 @@ def make_ae(settings: Settings) -> AE:
     SOP class in every transfer syntax of TRANSFER_SYNTAXES (objects outside the filters are acknowledged and
     skipped, so an auto-routing rule that sends us a CT does not fail)."""
     ae = AE(ae_title=settings.node.ae_title)
-    ae.require_called_aet = True
-    apply_peer_policy(ae, settings)
+    ae.require_called_aet = False  # handle_requested checks it, with the rest of the policy, and audits why
+    ae.require_calling_aet = []
     ae.network_timeout = settings.node.network_timeout_s
     ae.acse_timeout = settings.node.acse_timeout_s
     ae.dimse_timeout = settings.node.dimse_timeout_s
     ae.maximum_associations = settings.node.max_associations
     ae.maximum_pdu_size = settings.node.max_pdu
-    ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:4])
+    ae.add_supported_context(Verification, VERIFICATION_TRANSFER_SYNTAXES)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
     return ae
 
 
-def apply_peer_policy(ae: AE, settings: Settings) -> None:
-    """Calling AE titles allowed to associate: the peers with may_send, or anyone when none is declared.
-    Called again after a SIGHUP reload; pynetdicom reads the list at each association request."""
-    allowed = settings.allowed_calling_aes()
-    ae.require_calling_aet = sorted(allowed) if allowed else []
-
-
 def start_server(ae: AE, settings: Settings, receiver: Receiver) -> ThreadedAssociationServer:
     handlers = [
+        (evt.EVT_REQUESTED, handle_requested, [receiver]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [receiver]),
         (evt.EVT_ACCEPTED, _log_accepted, [receiver]),
         (evt.EVT_REJECTED, _log_rejected, [receiver]),
     ]
-    server = ae.start_server((settings.node.host, settings.node.port), block=False, evt_handlers=handlers)
-    log.info("listening as %s on %s:%d", settings.node.ae_title, settings.node.host, settings.node.port)
+    context = server_tls_context(settings.tls) if settings.tls.enabled else None
+    server = ae.start_server((settings.node.host, settings.node.port), block=False, evt_handlers=handlers,
+                             ssl_context=context)
+    log.info("listening as %s on %s:%d%s", settings.node.ae_title, settings.node.host, settings.node.port,
+             " (DICOM TLS)" if context else "")
     return server

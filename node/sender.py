@@ -8,6 +8,7 @@ max_delay), and after max_attempts it is `dead` with the last error; `cxrnode re
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +19,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from node.audit import AuditLog
-from node.config import Peer, SenderSettings, Settings
+from node.config import Peer, SenderSettings, Settings, TLSSettings
+from node.faults import crash_point
 from node.queue import Job, JobState, Queue
 from node.spool import Spool
 from node.statuses import DELIVERED
@@ -35,8 +37,27 @@ def backoff(settings: SenderSettings, attempts: int) -> float:
     return float(min(settings.retry_max_delay_s, settings.retry_base_s * settings.retry_factor ** (attempts - 1)))
 
 
+def client_tls_context(tls: TLSSettings) -> ssl.SSLContext:
+    """TLS 1.2+ client context: our certificate for destinations that ask, theirs checked against our CAs."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False  # DICOM peers are configured by address; trust comes from the CA
+    if tls.certificate is not None and tls.private_key is not None:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+    if tls.verify_destinations:
+        context.verify_mode = ssl.CERT_REQUIRED
+        if tls.ca_certificates is not None:
+            context.load_verify_locations(tls.ca_certificates)
+        else:
+            context.load_default_certs()
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def store(
-    peer: Peer, paths: Sequence[Path], *, calling_ae: str, timeout: float, sop_classes: Sequence[str]
+    peer: Peer, paths: Sequence[Path], *, calling_ae: str, timeout: float, sop_classes: Sequence[str],
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """Send `paths` to `peer` in one association, proposing exactly their SOP classes in Explicit and Implicit VR
     Little Endian. Raises DeliveryError unless every object is delivered."""
@@ -44,7 +65,8 @@ def store(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class in sorted(set(sop_classes)):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
+                         tls_args=(tls, None) if tls is not None else None)
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise DeliveryError(f"association with {peer.ae_title}@{peer.host}:{peer.port} failed ({reason})")
@@ -122,7 +144,9 @@ class Sender:
                 store(
                     peer, paths, calling_ae=settings.sender.calling_ae_title or settings.node.ae_title,
                     timeout=settings.sender.timeout_s, sop_classes=[r.sop_class_uid for r in job.results],
+                    tls=client_tls_context(settings.tls) if peer.tls else None,
                 )
+                crash_point("sending")
             except Exception as error:  # DeliveryError, or a network error pynetdicom raised
                 errors.append(f"{peer.name}: {error}")
                 self.audit.record("delivery", outcome="failed", job=job.id, destination=peer.name,

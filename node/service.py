@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from node.audit import AuditLog
 from node.config import ConfigError, Settings, load_settings, with_command_line_peers
 from node.queue import UNFINISHED, JobState
 from node.queue.sqlite import SQLiteQueue
-from node.scp import Receiver, apply_peer_policy, make_ae, start_server
+from node.scp import Receiver, make_ae, start_server
 from node.sender import Sender
 from node.spool import Spool
 from node.worker import Worker
@@ -131,15 +132,15 @@ def serve(
     worker = Worker(node.current, queue, spool, predictor, wake_worker, wake_sender)
     sender = Sender(node.current, queue, spool, wake_sender, audit)
     ae = make_ae(settings)
-    server = start_server(ae, settings, Receiver(node.current, spool, queue, wake_worker, audit))
+    receiver = Receiver(node.current, spool, queue, wake_worker, audit)
+    server = start_server(ae, settings, receiver)
     worker.start()
     sender.start()
     wake_worker.set()
     wake_sender.set()
 
     def on_hangup(signum: int, frame: FrameType | None) -> None:
-        node.reload()
-        apply_peer_policy(ae, node.settings)
+        node.reload()  # the association policy reads node.current() for every new association
 
     def on_stop(signum: int, frame: FrameType | None) -> None:
         log.info("%s: shutting down", signal.Signals(signum).name)
@@ -151,7 +152,11 @@ def serve(
     log.info("ready: %s, data in %s, results to %s", predictor.model_version, settings.node.data_dir,
              ", ".join(p.name for p in settings.destinations_for("")) or f"{spool.results}")
     node.stopped.wait()
-    server.shutdown()  # no new associations; in-flight C-STOREs finish or are aborted before being acknowledged
+    receiver.stopping.set()  # new associations are refused (transient) from now on
+    deadline = time.monotonic() + settings.node.dimse_timeout_s
+    while [a for a in ae.active_associations if a.is_acceptor] and time.monotonic() < deadline:
+        time.sleep(0.1)  # let open associations finish their C-STOREs and release
+    server.shutdown()  # anything still open is aborted; an unanswered C-STORE was never acknowledged
     worker.stop()
     sender.stop()
     queue.close()

@@ -115,3 +115,7 @@ class Spool:
     def free_bytes(self) -> int:
         stats = os.statvfs(self.root if self.root.exists() else self.data_dir)
         return stats.f_bavail * stats.f_frsize
+
+    def total_bytes(self) -> int:
+        stats = os.statvfs(self.root if self.root.exists() else self.data_dir)
+        return stats.f_blocks * stats.f_frsize

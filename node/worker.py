@@ -19,6 +19,7 @@ from pydicom import Dataset, dcmread
 from models import Finding, Predictor
 from models.errors import ModelsError
 from node.config import Settings
+from node.faults import crash_point
 from node.outputs import write_results
 from node.pixels import prepare
 from node.queue import Job, JobState, Queue
@@ -102,6 +103,7 @@ class Worker:
         if not prepared:
             return
         started = time.perf_counter()
+        crash_point("inferring")
         findings = self._predict(prepared)
         seconds = (time.perf_counter() - started) / max(1, len(prepared))
         for item, finding in zip(prepared, findings, strict=True):

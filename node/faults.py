@@ -1,0 +1,36 @@
+"""Named crash points for the fault-injection tests.
+
+    CXRNODE_CRASH_AT=spooled:3 cxrnode serve ...
+
+kills the process with SIGKILL (no clean-up, as a power cut would) the 3rd time it reaches the point `spooled`.
+Without the variable, `crash_point` does nothing. The points, in the order an image meets them:
+
+    received   the whole object is in memory, nothing written yet
+    spooled    the object is fsynced in the spool, its job row not yet committed
+    inferring  a batch is claimed, the models are about to run
+    writing    the first result object is on disk, the job not yet updated
+    sending    a destination has the results, the job not yet marked delivered
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+POINTS = ("received", "spooled", "inferring", "writing", "sending")
+_counts: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def crash_point(name: str) -> None:
+    target = os.environ.get("CXRNODE_CRASH_AT")
+    if not target:
+        return
+    point, _, nth = target.partition(":")
+    if point != name:
+        return
+    with _lock:
+        _counts[name] = _counts.get(name, 0) + 1
+        if _counts[name] >= int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
