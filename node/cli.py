@@ -234,7 +234,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             continue
         written = []
         if source is not None:
-            for kind, ds in build_results(source, finding, args.objects, datetime.datetime.now()):
+            for kind, ds in build_results(source, finding, args.objects, datetime.datetime.now(), pixels):
                 target = args.out / f"{path.stem}.{kind.lower()}.dcm"
                 target.write_bytes(encode(ds))
                 written.append(str(target))
@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("files", type=Path, nargs="+", metavar="FILE")
     predict.add_argument("--out", type=Path, required=True)
     predict.add_argument("--png", action="store_true", help="also write an overlay picture per image")
-    predict.add_argument("--objects", nargs="+", default=["SEG", "SR"], choices=["SEG", "SR"])
+    predict.add_argument("--objects", nargs="+", default=["SEG", "SR", "GSPS"], choices=["SEG", "SR", "GSPS", "SC"],
+                         help="result objects to write (default SEG SR GSPS)")
     predict.add_argument("--weights", type=Path)
     predict.add_argument("--device", default="auto")
     predict.set_defaults(func=cmd_predict)

@@ -322,6 +322,8 @@ class Peer(_Section):
     max_associations: Annotated[int, Field(ge=1, le=1000)] | None = None
     # Send results to this peer over DICOM TLS (needs [tls] certificate and private_key).
     tls: bool = False
+    # The result objects this destination gets (its output profile); None = [outputs] objects.
+    objects: OutputObjects | None = None
 
     @property
     def address(self) -> Address:
@@ -411,10 +413,14 @@ class InferenceSettings(_Section):
         return self
 
 
-class Outputs(_Section):
-    """``[outputs]``: which DICOM objects are made from each result. Results always go to data_dir/results."""
+OutputObjects = Annotated[list[OutputObject], AfterValidator(_not_empty), AfterValidator(_unique)]
 
-    objects: Annotated[list[OutputObject], AfterValidator(_not_empty), AfterValidator(_unique)] = ["SEG", "SR"]
+
+class Outputs(_Section):
+    """``[outputs]``: which DICOM objects are made from each result (a destination's own `objects` overrides it).
+    Results always go to data_dir/results."""
+
+    objects: OutputObjects = ["SEG", "SR", "GSPS"]
 
 
 class SenderSettings(_Section):
@@ -539,6 +545,17 @@ class Settings(BaseModel):
         ae = calling_ae.strip(" ")
         names = next((r.destinations for r in self.routing.rules if r.calling_ae == ae), self.routing.default)
         return [self.peer(name) for name in names]
+
+    def objects_for(self, peer: Peer | None) -> list[str]:
+        """The result objects a destination gets (its own profile, else [outputs]); None = results as files."""
+        return list(peer.objects) if peer is not None and peer.objects is not None else list(self.outputs.objects)
+
+    def objects_to_write(self, calling_ae: str) -> list[str]:
+        """Every object any destination of this caller's results needs (or [outputs] when they go to files),
+        in the order SEG, SR, GSPS, SC."""
+        destinations = self.destinations_for(calling_ae)
+        wanted = {kind for peer in destinations or [None] for kind in self.objects_for(peer)}
+        return [kind for kind in ("SEG", "SR", "GSPS", "SC") if kind in wanted]
 
     def allowed_calling_aes(self) -> set[str] | None:
         """AE titles that may send to us, or None (any calling AE accepted) when no peer has may_send = true."""
@@ -775,7 +792,9 @@ def describe(settings: Settings) -> str:
     for peer in settings.peers:
         roles = (["may send to us"] if peer.may_send else []) + (["receives results"] if peer.name in routed else [])
         role = ", ".join(roles) or "unused"
-        text = f"peer       {peer.name}: {peer.address} ({role})"
+        if peer.name in routed:
+            role += f": {', '.join(settings.objects_for(peer))}"
+        text = f"peer       {peer.name}: {peer.address} ({role}{', TLS' if peer.tls else ''})"
         lines.append(text + (f" - {peer.description}" if peer.description else ""))
 
     def route(names: list[str]) -> str:

@@ -12,14 +12,19 @@ import datetime
 from collections.abc import Sequence
 from io import BytesIO
 
+import numpy as np
 from pydicom import Dataset, dcmwrite
 
 from models import Finding
 from node.faults import crash_point
 from node.queue import ResultObject
 from node.spool import Spool
+from node.writers.gsps import presentation_state
+from node.writers.sc import burned_in_capture
 from node.writers.seg import segmentation
 from node.writers.sr import measurement_report
+
+KINDS = ("SEG", "SR", "GSPS", "SC")
 
 
 def encode(ds: Dataset) -> bytes:
@@ -29,9 +34,14 @@ def encode(ds: Dataset) -> bytes:
 
 
 def build_results(
-    source: Dataset, finding: Finding, objects: Sequence[str], content_datetime: datetime.datetime
+    source: Dataset, finding: Finding, objects: Sequence[str], content_datetime: datetime.datetime,
+    pixels: np.ndarray | None = None,
 ) -> list[tuple[str, Dataset]]:
-    """(kind, dataset) for each configured object, SEG first so that the SR can reference it."""
+    """(kind, dataset) for each requested object, SEG first so that the SR can reference it. The burned-in SC needs
+    the presentation `pixels` the Predictor saw."""
+    unknown = set(objects) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown result object(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
     built: list[tuple[str, Dataset]] = []
     seg = None
     if "SEG" in objects:
@@ -39,14 +49,21 @@ def build_results(
         built.append(("SEG", seg))
     if "SR" in objects:
         built.append(("SR", measurement_report(source, finding, seg, content_datetime=content_datetime)))
+    if "GSPS" in objects:
+        built.append(("GSPS", presentation_state(source, finding, content_datetime=content_datetime)))
+    if "SC" in objects:
+        if pixels is None:
+            raise ValueError("the burned-in SC needs the image's pixels")
+        built.append(("SC", burned_in_capture(source, pixels, finding, content_datetime=content_datetime)))
     return built
 
 
 def write_results(
-    source: Dataset, finding: Finding, objects: Sequence[str], spool: Spool, content_datetime: datetime.datetime
+    source: Dataset, finding: Finding, objects: Sequence[str], spool: Spool, content_datetime: datetime.datetime,
+    pixels: np.ndarray | None = None,
 ) -> list[ResultObject]:
     results = []
-    for kind, ds in build_results(source, finding, objects, content_datetime):
+    for kind, ds in build_results(source, finding, objects, content_datetime, pixels):
         path = spool.result_path(str(source.StudyInstanceUID), kind, str(ds.SOPInstanceUID))
         spool.store_result(path, encode(ds))
         crash_point("writing")

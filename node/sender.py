@@ -131,19 +131,24 @@ class Sender:
         delivered = set(job.delivered)
         errors = []
         started = time.perf_counter()
-        paths = [self.spool.absolute(r.path) for r in job.results]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            log.error("job=%d: result file %s is missing; analysing again", job.id, missing[0])
-            self.queue.set_state(job.id, JobState.RECEIVED, error=f"result file {missing[0].name} missing")
+        missing = [r.path for r in job.results if not self.spool.absolute(r.path).is_file()]
+        written = {r.kind for r in job.results}
+        wanted = {kind for peer in destinations for kind in settings.objects_for(peer)}
+        if missing or not wanted <= written:
+            why = f"result file {missing[0]} missing" if missing else f"{sorted(wanted - written)} not written yet"
+            log.warning("job=%d: %s (routing or output profiles changed?); analysing again", job.id, why)
+            self.queue.set_state(job.id, JobState.RECEIVED, error=why)
             return
         for peer in destinations:
             if peer.name in delivered:
                 continue
+            profile = settings.objects_for(peer)
+            results = [r for r in job.results if r.kind in profile]
+            paths = [self.spool.absolute(r.path) for r in results]
             try:
                 store(
                     peer, paths, calling_ae=settings.sender.calling_ae_title or settings.node.ae_title,
-                    timeout=settings.sender.timeout_s, sop_classes=[r.sop_class_uid for r in job.results],
+                    timeout=settings.sender.timeout_s, sop_classes=[r.sop_class_uid for r in results],
                     tls=client_tls_context(settings.tls) if peer.tls else None,
                 )
                 crash_point("sending")
@@ -151,15 +156,15 @@ class Sender:
                 errors.append(f"{peer.name}: {error}")
                 self.audit.record("delivery", outcome="failed", job=job.id, destination=peer.name,
                                   ae_title=peer.ae_title, address=f"{peer.host}:{peer.port}", reason=str(error)[:300],
-                                  results=[r.sop_instance_uid for r in job.results])
+                                  results=[r.sop_instance_uid for r in results])
                 continue
             delivered.add(peer.name)
             log.info("job=%d delivered to %s (%s@%s:%d): %s", job.id, peer.name, peer.ae_title, peer.host, peer.port,
-                     " ".join(f"{r.kind}={r.sop_instance_uid}" for r in job.results))
+                     " ".join(f"{r.kind}={r.sop_instance_uid}" for r in results))
             self.audit.record("delivery", outcome="delivered", job=job.id, destination=peer.name,
                               ae_title=peer.ae_title, address=f"{peer.host}:{peer.port}",
                               source_sop_instance_uid=job.sop_instance_uid, study_instance_uid=job.study_instance_uid,
-                              results={r.kind: r.sop_instance_uid for r in job.results})
+                              results={r.kind: r.sop_instance_uid for r in results})
         self.queue.add_timing(job.id, "sending", time.perf_counter() - started)
         if not errors:
             self.queue.record_attempt(job.id, delivered=sorted(delivered), error=None, next_attempt_at=0,

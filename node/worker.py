@@ -147,8 +147,8 @@ class Worker:
         started = time.perf_counter()
         try:
             results = write_results(
-                item.source, finding, settings.outputs.objects, self.spool,
-                content_datetime=datetime.datetime.fromtimestamp(job.received_at),
+                item.source, finding, settings.objects_to_write(job.calling_ae), self.spool,
+                content_datetime=datetime.datetime.fromtimestamp(job.received_at), pixels=item.pixels,
             )
         except OSError as error:  # disk full or unwritable: the job stays recoverable, try again later
             log.error("job=%d sop=%s: cannot write results (%s); will retry", job.id, job.sop_instance_uid, error)

@@ -3,6 +3,7 @@ test images in every transfer syntax the node accepts (encoded by DCMTK and pydi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -245,7 +246,8 @@ class NodeProcess:
 
 
 def write_config(path: Path, *, port: int, data_dir: Path, destination_port: int | None = None,
-                 extra: str = "", retry: str = "retry_base_s = 0.5\nretry_factor = 2\nretry_max_delay_s = 2\nmax_attempts = 3") -> Path:
+                 extra: str = "", retry: str = "retry_base_s = 0.5\nretry_factor = 2\nretry_max_delay_s = 2\nmax_attempts = 3",
+                 objects: tuple[str, ...] = ("SEG", "SR")) -> Path:
     destination = ""
     route = ""
     if destination_port is not None:
@@ -254,16 +256,17 @@ def write_config(path: Path, *, port: int, data_dir: Path, destination_port: int
     path.write_text(
         f'[node]\nae_title = "CXRNODE"\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data_dir}"\n\n'
         f'{destination}\n{route}\n[inference]\ndevice = "cpu"\nbatch_size = 4\nmax_wait_ms = 100\n\n'
-        f'[sender]\n{retry}\ntimeout_s = 10\n\n{extra}\n'
+        f'[sender]\n{retry}\ntimeout_s = 10\n\n[outputs]\nobjects = {json.dumps(list(objects))}\n\n{extra}\n'
     )
     return path
 
 
 @contextmanager
-def running_node(tmp: Path, *, destination_port: int | None, extra: str = "", name: str = "node") -> Iterator[NodeProcess]:
+def running_node(tmp: Path, *, destination_port: int | None, extra: str = "", name: str = "node",
+                 objects: tuple[str, ...] = ("SEG", "SR")) -> Iterator[NodeProcess]:
     port = free_port()
     config = write_config(tmp / f"{name}.toml", port=port, data_dir=tmp / f"{name}-data",
-                          destination_port=destination_port, extra=extra)
+                          destination_port=destination_port, extra=extra, objects=objects)
     node = NodeProcess(config, port, tmp / f"{name}.log").start()
     try:
         yield node
@@ -275,9 +278,13 @@ SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 def source_of(result: pydicom.Dataset) -> str:
-    """The SOP Instance UID of the image a SEG or SR describes."""
+    """The SOP Instance UID of the image a SEG, SR, GSPS or SC describes."""
     if result.SOPClassUID == SEG_CLASS:
         return str(result.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID)
+    if result.Modality == "PR":
+        return str(result.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID)
+    if "SourceImageSequence" in result:
+        return str(result.SourceImageSequence[0].ReferencedSOPInstanceUID)
     evidence = result.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
     return next(str(i.ReferencedSOPInstanceUID) for s in evidence for i in s.ReferencedSOPSequence
                 if i.ReferencedSOPClassUID != SEG_CLASS)

@@ -71,7 +71,7 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert s.filters.view_positions == ["PA", "AP", ""]
     assert s.inference.device == "auto" and s.inference.batch_size == 4 and s.inference.weights is None
     assert s.inference.score_threshold is None
-    assert s.outputs.objects == ["SEG", "SR"]
+    assert s.outputs.objects == ["SEG", "SR", "GSPS"]
     assert s.sender.max_attempts == 8 and s.sender.calling_ae_title == "CXRNODE"
     assert s.allowed_calling_aes() is None
     assert s.destinations_for("ANYONE") == []

@@ -4,6 +4,7 @@ highdicom reads them back. The node runs as a subprocess (`python -m node.cli se
 from __future__ import annotations
 
 import json
+import signal
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -78,21 +79,21 @@ def results_by_source(datasets: list[pydicom.Dataset]) -> dict[str, list[pydicom
 def test_end_to_end_with_dcmtk(images: list[SentImage], tmp_path: Path) -> None:
     pacs = StoreSCP("PACS", free_port(), tmp_path / "pacs").start()
     try:
-        with running_node(tmp_path, destination_port=pacs.port) as node:
+        with running_node(tmp_path, destination_port=pacs.port, objects=("SEG", "SR", "GSPS")) as node:
             sent = storescu(node.port, [i.path for i in images])
             assert sent.returncode == 0, sent.stderr
             in_scope = [i for i in images if i.in_scope]
-            wait_until(lambda: len(pacs.files()) >= 2 * len(in_scope), timeout=240, what="all SEG and SR")
+            wait_until(lambda: len(pacs.files()) >= 3 * len(in_scope), timeout=240, what="all SEG, SR and GSPS")
             jobs = json.loads(node.cli("jobs", "--json", "--limit", "100").stdout)
     finally:
         pacs.stop()
     received = pacs.received()
-    assert len(received) == 2 * len(in_scope)
+    assert len(received) == 3 * len(in_scope)
     grouped = results_by_source(received)
     assert set(grouped) == {i.sop_instance_uid for i in in_scope}  # nothing for the lateral or the CT
     for image in in_scope:
         kinds = Counter(ds.Modality for ds in grouped[image.sop_instance_uid])
-        assert kinds == {"SEG": 1, "SR": 1}, image.path.name
+        assert kinds == {"SEG": 1, "SR": 1, "PR": 1}, image.path.name
     for path in pacs.files():
         assert_valid_dicom(path, allowed_warnings=("99CXRNODE",))
     states = {j["sop_instance_uid"]: j for j in jobs["jobs"]}
@@ -119,3 +120,35 @@ def test_end_to_end_with_dcmtk(images: list[SentImage], tmp_path: Path) -> None:
         sr = hd.sr.srread(sr_path)
         check_segmentation(source, finding, seg, predictor.model_version)
         check_report(source, finding, seg, sr, pixel_spacing_mm(source), predictor.model_version)
+
+
+def test_output_profiles_per_destination(tmp_path: Path) -> None:
+    """One destination gets the default objects, another only what an older viewer shows: GSPS and the SC."""
+    require_dcmtk()
+    images = [synthetic_file(tmp_path, f"p{i}", seed=900 + i, size=(420, 400), positive=True) for i in range(2)]
+    pacs = StoreSCP("PACS", free_port(), tmp_path / "pacs").start()
+    viewer = StoreSCP("OLDVIEWER", free_port(), tmp_path / "viewer").start()
+    extra = (f'[[peers]]\nname = "viewer"\nae_title = "OLDVIEWER"\nhost = "127.0.0.1"\nport = {viewer.port}\n'
+             'may_send = false\nobjects = ["GSPS", "SC"]\n')
+    try:
+        with running_node(tmp_path, destination_port=pacs.port, objects=("SEG", "SR", "GSPS"), extra=extra) as node:
+            config = node.config.read_text().replace('default = ["pacs"]', 'default = ["pacs", "viewer"]')
+            node.config.write_text(config)
+            assert node.process is not None
+            node.process.send_signal(signal.SIGHUP)
+            wait_until(lambda: "reload:" in node.log.read_text(), timeout=10, what="reload")
+            assert storescu(node.port, images).returncode == 0
+            wait_until(lambda: len(pacs.files()) == 6 and len(viewer.files()) == 4, timeout=120, what="deliveries")
+    finally:
+        pacs.stop()
+        viewer.stop()
+    assert Counter(ds.Modality for ds in pacs.received()) == {"SEG": 2, "SR": 2, "PR": 2}
+    assert Counter(ds.SOPClassUID for ds in viewer.received()) == {
+        "1.2.840.10008.5.1.4.1.1.11.1": 2,  # Grayscale Softcopy Presentation State
+        "1.2.840.10008.5.1.4.1.1.7": 2,  # Secondary Capture
+    }
+    for ds in viewer.received():
+        if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7":
+            assert ds.BurnedInAnnotation == "YES" and ds.SamplesPerPixel == 3
+    for path in viewer.files():
+        assert_valid_dicom(path)

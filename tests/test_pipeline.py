@@ -82,14 +82,16 @@ def test_predict_writes_seg_sr_and_overlay(trained: tuple[Path, Path], tmp_path:
     done = cxrnode("predict", str(record.image), "--out", str(tmp_path), "--png", "--weights", str(weights))
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     written = [Path(p) for p in summary["written"]]
-    assert [p.suffix for p in written] == [".dcm", ".dcm", ".png"]
-    seg, sr = (pydicom.dcmread(p) for p in written[:2])
+    assert [p.name.split(".", 1)[1] for p in written] == ["seg.dcm", "sr.dcm", "gsps.dcm", "overlay.png"]
+    seg, sr, gsps = (pydicom.dcmread(p) for p in written[:3])
     source = pydicom.dcmread(record.image, stop_before_pixels=True)
     assert seg.Modality == "SEG" and sr.Modality == "SR" and seg.StudyInstanceUID == source.StudyInstanceUID
-    picture = np.asarray(Image.open(written[2]))
+    referenced = gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID
+    assert gsps.Modality == "PR" and referenced == source.SOPInstanceUID
+    picture = np.asarray(Image.open(written[3]))
     assert picture.ndim == 3 and picture.shape[:2] == (int(source.Rows), int(source.Columns))
     if dciodvfy_available():
-        for path in written[:2]:
+        for path in written[:3]:
             assert_valid_dicom(path, allowed_warnings=("99CXRNODE",))
 
 
