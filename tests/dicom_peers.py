@@ -131,13 +131,14 @@ class StoreSCP:
     ae_title: str
     port: int
     folder: Path
+    options: tuple[str, ...] = ()  # e.g. TLS: ("+tls", KEY, CERT, "+cf", CA)
     process: subprocess.Popen | None = None
 
     def start(self) -> StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         log = open(self.folder.parent / f"storescp-{self.port}.log", "ab")
         self.process = subprocess.Popen(
-            ["storescp", "--aetitle", self.ae_title, "--output-directory", str(self.folder),
+            ["storescp", *self.options, "--aetitle", self.ae_title, "--output-directory", str(self.folder),
              "--filename-extension", ".dcm", "--unique-filenames",
              str(self.port)],
             stdout=log, stderr=subprocess.STDOUT,
