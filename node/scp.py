@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from io import BytesIO
 
 from pydicom import Dataset, dcmread
+from pydicom.encaps import generate_fragments
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
@@ -176,11 +177,40 @@ def handle_echo(event: Event) -> int:
 
 
 def decoded_size(header: Dataset) -> int:
-    """Bytes the pixel data would take decoded, from the header alone."""
-    frames = int(header.get("NumberOfFrames", 1) or 1)
-    samples = int(header.get("SamplesPerPixel", 1) or 1)
-    bits = int(header.get("BitsAllocated", 16) or 16)
-    return int(header.get("Rows", 0) or 0) * int(header.get("Columns", 0) or 0) * frames * samples * max(1, bits // 8)
+    """Bytes the pixel data would take decoded (one byte per 1-bit sample), from the header alone."""
+    def number(keyword: str, default: int) -> int:
+        try:
+            return max(0, int(header.get(keyword, default) or default))
+        except (TypeError, ValueError):
+            return default
+
+    bits = number("BitsAllocated", 16)
+    return (number("Rows", 0) * number("Columns", 0) * number("NumberOfFrames", 1) * number("SamplesPerPixel", 1)
+            * max(1, bits // 8))
+
+
+def integrity_problem(ds: Dataset, sop_class: str, sop_instance: str) -> str | None:
+    """Why a received data set is not whole and consistent, or None. Checks lengths and identities only; nothing
+    is decoded. (pydicom reads a truncated data set without complaint, so the checks are made here.)"""
+    if str(ds.get("SOPInstanceUID", "")) != sop_instance:
+        return "SOP Instance UID in the data set is missing or differs from the C-STORE request's"
+    if str(ds.get("SOPClassUID", "")) != sop_class:
+        return "SOP Class UID in the data set is missing or differs from the C-STORE request's"
+    if "PixelData" not in ds:
+        return None  # not every storage object has pixels; the worker says so if it needed them
+    element = ds["PixelData"]
+    if element.is_undefined_length:  # encapsulated: every fragment must be complete
+        try:
+            fragments = sum(1 for _ in generate_fragments(element.value))
+        except Exception as error:
+            return f"encapsulated Pixel Data is truncated or malformed ({error})"
+        return None if fragments else "encapsulated Pixel Data has no fragments"
+    expected = decoded_size(ds)
+    if int(ds.get("BitsAllocated", 16) or 16) == 1:  # 1-bit data packs eight pixels in a byte
+        expected = (expected + 7) // 8
+    if len(element.value or b"") < expected:
+        return f"Pixel Data is truncated: {len(element.value or b'')} of {expected} bytes"
+    return None
 
 
 def _refuse(receiver: Receiver, peer: str, sop_instance: str, status: int, why: str) -> Dataset:
@@ -200,13 +230,10 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
     try:
         safe_uid(sop_instance)
         data = event.encoded_dataset(include_meta=True)
-        header = dcmread(BytesIO(data), stop_before_pixels=True)
+        header = dcmread(BytesIO(data))  # the whole data set, Pixel Data as bytes: nothing is decoded
     except Exception as error:  # a data set pydicom cannot parse
         return _refuse(receiver, peer, sop_instance, CANNOT_UNDERSTAND, f"cannot parse data set: {error}")
     crash_point("received")
-    if str(header.get("SOPInstanceUID", sop_instance)) != sop_instance:
-        return _refuse(receiver, peer, sop_instance, CANNOT_UNDERSTAND,
-                       "SOP Instance UID in the data set differs from the C-STORE request's")
     if len(data) > settings.node.max_object_mb * 1e6:
         return _refuse(receiver, peer, sop_instance, OUT_OF_RESOURCES,
                        f"object is {len(data) / 1e6:.0f} MB, above max_object_mb {settings.node.max_object_mb:g}")
@@ -214,6 +241,9 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
         return _refuse(receiver, peer, sop_instance, OUT_OF_RESOURCES,
                        f"image would decode to {decoded_size(header) / 1e6:.0f} MB, above max_decoded_mb "
                        f"{settings.node.max_decoded_mb:g}")
+    problem = integrity_problem(header, sop_class, sop_instance)
+    if problem:
+        return _refuse(receiver, peer, sop_instance, CANNOT_UNDERSTAND, problem)
     low = receiver.low_on_disk()
     if low:
         return _refuse(receiver, peer, sop_instance, OUT_OF_RESOURCES, low)

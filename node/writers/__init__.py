@@ -21,6 +21,7 @@ import logging
 from pydicom import config as pydicom_config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName, validate_value
 
 from models.finding import Finding
@@ -119,6 +120,12 @@ def source_header(source: Dataset) -> Dataset:
         )
         header.PatientSex = None
 
+    charsets = header.get("SpecificCharacterSet")
+    if isinstance(charsets, MultiValue) and charsets and charsets[0] == "":
+        # An empty first value means the default repertoire with ISO 2022 code extensions (PS3.3 C.12.1.1.2);
+        # highdicom accepts only the term, so write it out.
+        header.SpecificCharacterSet = ["ISO 2022 IR 6", *charsets[1:]]
+
     if "FrameOfReferenceUID" in header and "ImagePositionPatient" not in header:
         del header.FrameOfReferenceUID
         if "PositionReferenceIndicator" in header:
@@ -137,6 +144,8 @@ def _invalid_value(element: DataElement) -> str | None:
         try:
             validate_value(element.VR, value, pydicom_config.RAISE)
         except ValueError as error:
+            if element.tag.group == 0x0010:  # patient attributes: never put their values in a log
+                return f"{element.keyword or element.tag} {element.VR} value is invalid"
             return f'{element.keyword or element.tag} {element.VR} value "{element.value}" is invalid ({error})'
     return None
 
