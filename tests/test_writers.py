@@ -295,8 +295,10 @@ def test_real_source_without_decoding_pixels(path: Path, tmp_path: Path, caplog)
     finding = make_finding((int(source.Rows), int(source.Columns)), 2)
     with caplog.at_level(logging.WARNING, logger="node.writers"):
         seg_path, sr_path = write_results(source, finding, tmp_path)
-    # Its Patient's Age "62" is not a valid AS value: left out of the results, with a warning that says so.
-    assert any("PatientAge" in message and '"62"' in message for message in caplog.messages)
+    # Its Patient's Age "62" is not a valid AS value: left out of the results, with a warning that says so
+    # without repeating the patient's value.
+    assert any("PatientAge" in message and "invalid" in message for message in caplog.messages)
+    assert not any("62" in message for message in caplog.messages)
     check_results(source, finding, seg_path, sr_path, (0.168, 0.168))
     seg = pydicom.dcmread(seg_path)
     assert "PatientAge" not in seg
