@@ -70,6 +70,7 @@ __all__ = [
 
 ENV_PREFIX = "CXRNODE_"
 ENV_CONFIG = "CXRNODE_CONFIG"
+ENV_NOT_SETTINGS = {ENV_CONFIG, "CXRNODE_CRASH_AT"}  # CXRNODE_CRASH_AT: node.faults, for fault-injection tests
 RESULTS_DIR_NAME = "results"
 
 
@@ -604,7 +605,7 @@ def load_settings(
         _resolve_file_paths(data, Path(path))
 
     for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_SETTINGS:
             continue
         label = f"environment {name}"
         section, sep, key = name[len(ENV_PREFIX):].lower().partition("__")

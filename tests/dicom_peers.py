@@ -215,9 +215,12 @@ class NodeProcess:
     log: Path
     process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120) -> NodeProcess:
+    def start(self, timeout: float = 120, crash_at: str | None = None) -> NodeProcess:
+        """Start `cxrnode serve`; `crash_at` ("point:n") makes it SIGKILL itself there (node.faults)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env = {k: v for k, v in env.items() if not k.startswith("CXRNODE_")}
+        if crash_at:
+            env["CXRNODE_CRASH_AT"] = crash_at
         self.process = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=REPO, env=env,
