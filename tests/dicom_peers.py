@@ -191,7 +191,7 @@ def storescu(port: int, files: list[Path], *, called: str = "CXRNODE", calling: 
     outputs, code = [], 0
     for option, group in groups.items():
         done = subprocess.run(
-            ["storescu", option, *extra, "--aetitle", calling, "--call", called, "127.0.0.1", str(port),
+            ["storescu", "-v", option, *extra, "--aetitle", calling, "--call", called, "127.0.0.1", str(port),
              *map(str, group)],
             capture_output=True, text=True, timeout=300,
         )
