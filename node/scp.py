@@ -104,7 +104,7 @@ class Receiver:
 
 def admission_refusal(
     settings: Settings, calling_ae: str, called_ae: str, address: str, active_from_caller: int,
-    low_on_disk: str | None, stopping: bool,
+    low_on_disk: str | None, stopping: bool, active_total: int = 0,
 ) -> Refusal | None:
     """None to go on with the association, else the A-ASSOCIATE-RJ to send and why."""
     if called_ae.strip() != settings.node.ae_title:
@@ -121,6 +121,9 @@ def admission_refusal(
                            f"peer {peer.name} ({calling_ae.strip()}) may not call from {address}")
     if stopping:
         return Refusal(*TEMPORARY_CONGESTION, "the node is shutting down")
+    if active_total >= settings.node.max_associations:
+        return Refusal(*LOCAL_LIMIT_EXCEEDED, f"{active_total} associations open, the limit is "
+                       f"{settings.node.max_associations}")
     limit = (peer.max_associations if peer and peer.max_associations else None) or settings.node.max_associations_per_peer
     if active_from_caller >= limit:
         return Refusal(*LOCAL_LIMIT_EXCEEDED,
@@ -136,12 +139,12 @@ def handle_requested(event: Event, receiver: Receiver) -> None:
     request = assoc.requestor.primitive
     calling = assoc.requestor.ae_title or (request.calling_ae_title if request else "")
     called = request.called_ae_title if request is not None else ""
-    active = sum(
-        1 for other in assoc.ae.active_associations
-        if other is not assoc and other.is_acceptor and other.requestor.ae_title == calling
-    )
-    refusal = admission_refusal(receiver.settings(), calling, called, assoc.requestor.address, active,
-                                receiver.low_on_disk(), receiver.stopping.is_set())
+    # Only established associations count: a connection that has not asked for one yet (half-open, idle,
+    # or garbage) holds no slot, and is closed by the ACSE timeout.
+    established = [a for a in assoc.ae.active_associations if a is not assoc and a.is_acceptor and a.is_established]
+    from_caller = sum(1 for other in established if other.requestor.ae_title == calling)
+    refusal = admission_refusal(receiver.settings(), calling, called, assoc.requestor.address, from_caller,
+                                receiver.low_on_disk(), receiver.stopping.is_set(), active_total=len(established))
     if refusal is None:
         return
     log.warning("association rejected from %s@%s:%s: %s", calling, assoc.requestor.address, assoc.requestor.port,
@@ -327,7 +330,9 @@ def make_ae(settings: Settings) -> AE:
     ae.network_timeout = settings.node.network_timeout_s
     ae.acse_timeout = settings.node.acse_timeout_s
     ae.dimse_timeout = settings.node.dimse_timeout_s
-    ae.maximum_associations = settings.node.max_associations
+    # pynetdicom's own cap counts every connection, even one that has sent nothing yet; it is kept well above
+    # max_associations (which handle_requested applies to established associations) as a last defence.
+    ae.maximum_associations = max(100, 10 * settings.node.max_associations)
     ae.maximum_pdu_size = settings.node.max_pdu
     ae.add_supported_context(Verification, VERIFICATION_TRANSFER_SYNTAXES)
     for context in AllStoragePresentationContexts:
