@@ -156,7 +156,9 @@ class Sender:
                 errors.append(f"{peer.name}: {error}")
                 self.audit.record("delivery", outcome="failed", job=job.id, destination=peer.name,
                                   ae_title=peer.ae_title, address=f"{peer.host}:{peer.port}", reason=str(error)[:300],
-                                  results=[r.sop_instance_uid for r in results])
+                                  source_sop_instance_uid=job.sop_instance_uid,
+                                  study_instance_uid=job.study_instance_uid,
+                                  results={r.kind: r.sop_instance_uid for r in results})
                 continue
             delivered.add(peer.name)
             log.info("job=%d delivered to %s (%s@%s:%d): %s", job.id, peer.name, peer.ae_title, peer.host, peer.port,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -158,8 +159,6 @@ def test_association_policy_and_echo(tmp_path: Path) -> None:
 
 def test_sighup_reloads_peers_without_dropping_associations(tmp_path: Path) -> None:
     """An association open across the reload keeps working; new associations see the new peer list."""
-    import signal
-
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -190,3 +189,77 @@ def test_sighup_reloads_peers_without_dropping_associations(tmp_path: Path) -> N
         assert node.stop() == 0  # SIGTERM: clean exit
     finally:
         node.kill()
+
+
+def test_source_address_per_peer(tmp_path: Path) -> None:
+    require_dcmtk()
+    port = free_port()
+    config = write_config(tmp_path / "addr.toml", port=port, data_dir=tmp_path / "addr-data", destination_port=None)
+    config.write_text(config.read_text() + '\n[[peers]]\nname = "far"\nae_title = "FARAWAY"\nhost = "10.9.9.9"\n'
+                      'port = 104\naddresses = ["10.9.9.0/24"]\n\n[[peers]]\nname = "near"\nae_title = "NEARBY"\n'
+                      'host = "127.0.0.1"\nport = 104\naddresses = ["127.0.0.1"]\n')
+    node = NodeProcess(config, port, tmp_path / "addr.log").start()
+    try:
+        assert echoscu(port, calling="NEARBY").returncode == 0
+        wrong_place = echoscu(port, calling="FARAWAY")  # the right AE title from the wrong address
+        assert wrong_place.returncode != 0 and "Calling AE Title Not Recognized" in wrong_place.stderr
+        audit = (tmp_path / "addr-data" / "audit.jsonl").read_text()
+        assert "peer far (FARAWAY) may not call from 127.0.0.1" in audit
+    finally:
+        node.kill()
+
+
+def test_audit_answers_where_a_study_went(small_images: list[Path], tmp_path: Path) -> None:
+    """From the audit log alone: when the image arrived, that delivery failed, the resend, and where it went."""
+    pacs = StoreSCP("PACS", free_port(), tmp_path / "pacs")
+    image = small_images[0]
+    source = pydicom.dcmread(image, stop_before_pixels=True)
+    with running_node(tmp_path, destination_port=pacs.port) as node:
+        assert storescu(node.port, [image]).returncode == 0
+        wait_until(lambda: [j["state"] for j in jobs(node)["jobs"]] == ["dead"], timeout=60, what="dead")
+        pacs.start()
+        try:
+            assert node.cli("resend", "--failed").returncode == 0
+            wait_until(lambda: [j["state"] for j in jobs(node)["jobs"]] == ["done"], timeout=60, what="done")
+        finally:
+            pacs.stop()
+        events = [json.loads(line) for line in (node.config.parent / "node-data" / "audit.jsonl").read_text()
+                  .splitlines()]
+    about = [e for e in events if source.StudyInstanceUID in json.dumps(e) or source.SOPInstanceUID in json.dumps(e)]
+    kinds = [(e["event"], e["outcome"] if "outcome" in e else e.get("action")) for e in about]
+    assert ("instance", "received") in kinds
+    assert ("delivery", "failed") in kinds and ("job", "dead") in kinds
+    assert ("delivery", "delivered") in kinds
+    delivered = next(e for e in about if e["event"] == "delivery" and e["outcome"] == "delivered")
+    assert delivered["destination"] == "pacs" and delivered["ae_title"] == "PACS" and set(delivered["results"]) == {
+        "SEG", "SR"}
+    assert any(e["event"] == "admin" and e["action"] == "resend" for e in events)
+    text = json.dumps(events)
+    assert str(source.PatientName) not in text and str(source.PatientID) not in text
+
+
+def test_sigterm_finishes_the_transfer_in_flight(tmp_path: Path) -> None:
+    require_dcmtk()
+    port = free_port()
+    config = write_config(tmp_path / "term.toml", port=port, data_dir=tmp_path / "term-data", destination_port=None)
+    node = NodeProcess(config, port, tmp_path / "term.log").start()
+    big = synthetic_file(tmp_path, "big", seed=424, size=(3000, 2800), bits=16)
+    transfer = subprocess.Popen(["storescu", "-v", "--max-send-pdu", "4096", "--aetitle", "MODALITY", "--call",
+                                 "CXRNODE", "127.0.0.1", str(port), str(big)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: "association accepted from MODALITY" in node.log.read_text(), timeout=30,
+                   interval=0.02, what="the transfer to start")
+        assert node.process is not None
+        node.process.send_signal(signal.SIGTERM)
+        output = transfer.communicate(timeout=120)[0]
+        assert node.process.wait(120) == 0
+    finally:
+        node.kill()
+    assert "Received Store Response (Success)" in output  # the object in flight was received and acknowledged
+    assert "SIGTERM: shutting down" in node.log.read_text()
+    uid = str(pydicom.dcmread(big, stop_before_pixels=True).SOPInstanceUID)
+    from node.queue.sqlite import SQLiteQueue
+
+    job = SQLiteQueue(tmp_path / "term-data" / "queue.sqlite").find(uid)
+    assert job is not None  # recorded; the restarted node resumes it
