@@ -16,11 +16,14 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/cxrnode serve
 
-# Real peers for the integration tests: DCMTK (storescu, storescp, echoscu, dcmsend), dicom3tools (dciodvfy), Orthanc.
+# Real peers for the integration tests: DCMTK (storescu, storescp, echoscu, dcmsend), dicom3tools (dciodvfy), Orthanc,
+# Chromium + chromedriver (status page), openssl (test certificates).
+TOOLS := storescu dciodvfy Orthanc chromium chromedriver openssl
 tools:
-	@command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v Orthanc >/dev/null || { \
+	@missing=$$(for t in $(TOOLS); do command -v $$t >/dev/null || echo $$t; done); [ -z "$$missing" ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends dcmtk dicom3tools orthanc; }
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends \
+	    dcmtk dicom3tools orthanc chromium chromium-driver openssl; }
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

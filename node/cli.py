@@ -49,6 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "node.data_dir": str(args.data_dir) if args.data_dir else None,
         "node.ae_title": args.ae_title, "node.host": args.host, "node.port": args.port,
         "inference.weights": str(args.weights) if args.weights else None, "inference.device": args.device,
+        "http.port": args.http_port,
     }
     return serve(args.config, overrides, destinations=args.destination or [],
                  allowed_calling_aes=args.allow_calling_ae or [])
@@ -274,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-calling-ae", nargs="+", metavar="AE", help="accept associations only from these AEs")
     serve.add_argument("--weights", type=Path, help="weights folder (default: the demo weights)")
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    serve.add_argument("--http-port", type=int, help="metrics, health and status page port (0: none; default 11180)")
     serve.set_defaults(func=cmd_serve)
 
     echo = commands.add_parser("echo", help="C-ECHO a DICOM peer")

@@ -331,6 +331,25 @@ class Peer(_Section):
         return Address(self.ae_title, self.host, self.port)
 
 
+class HTTPSettings(_Section):
+    """``[http]``: Prometheus /metrics, /healthz, /readyz and the read-only status page."""
+
+    port: Annotated[int, Field(ge=0, le=65535)] = 11180  # 0 = no HTTP server
+    host: Host = "127.0.0.1"
+    token: str | None = None  # required when host is not a loopback address: ?token=... or Authorization: Bearer
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> HTTPSettings:
+        try:
+            loopback = ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = self.host == "localhost"
+        if self.port and not loopback and not self.token:
+            raise ValueError(f"http.host {self.host} is reachable from other machines: set http.token too "
+                             "(the status page shows patient-free but private operational data)")
+        return self
+
+
 class TLSSettings(_Section):
     """``[tls]``: DICOM TLS (PS3.15 Annex B) for the SCP and for results sent to peers with tls = true."""
 
@@ -450,6 +469,7 @@ class Settings(BaseModel):
     outputs: Outputs = Field(default_factory=Outputs)
     sender: SenderSettings = Field(default_factory=SenderSettings)
     tls: TLSSettings = Field(default_factory=TLSSettings)
+    http: HTTPSettings = Field(default_factory=HTTPSettings)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:

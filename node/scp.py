@@ -34,6 +34,7 @@ from node.audit import AuditLog
 from node.config import Settings, TLSSettings
 from node.faults import crash_point
 from node.filters import reason_to_skip
+from node.metrics import Metrics
 from node.queue import JobState, NewJob, Queue
 from node.queue.sqlite import QueueError
 from node.spool import Spool, SpoolError, safe_uid
@@ -86,6 +87,7 @@ class Receiver:
     queue: Queue
     wake_worker: threading.Event
     audit: AuditLog
+    metrics: Metrics = field(default_factory=Metrics)
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def low_on_disk(self) -> str | None:
@@ -218,6 +220,7 @@ def integrity_problem(ds: Dataset, sop_class: str, sop_instance: str) -> str | N
 
 def _refuse(receiver: Receiver, peer: str, sop_instance: str, status: int, why: str) -> Dataset:
     log.warning("C-STORE from %s sop=%s refused (0x%04X): %s", peer, sop_instance, status, why)
+    receiver.metrics.refused.labels(status=f"0x{status:04X}").inc()
     receiver.audit.record("instance", outcome="refused", status=f"0x{status:04X}", peer=peer,
                           sop_instance_uid=sop_instance, reason=why[:300])
     return status_dataset(status, why)
@@ -292,8 +295,10 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
         series_instance_uid=new_job.series_instance_uid, transfer_syntax_uid=transfer_syntax,
     )
     if reason:
+        receiver.metrics.skipped.inc()
         log.info("C-STORE from %s sop=%s job=%d skipped: %s", peer, sop_instance, job_id, reason)
     else:
+        receiver.metrics.received.inc()
         log.info("C-STORE from %s sop=%s job=%d received (%s, %s)", peer, sop_instance, job_id,
                  UID(sop_class).name, UID(transfer_syntax).name)
         receiver.wake_worker.set()

@@ -7,6 +7,7 @@ max_delay), and after max_attempts it is `dead` with the last error; `cxrnode re
 
 from __future__ import annotations
 
+import datetime
 import logging
 import ssl
 import threading
@@ -21,6 +22,7 @@ from pynetdicom import AE
 from node.audit import AuditLog
 from node.config import Peer, SenderSettings, Settings, TLSSettings
 from node.faults import crash_point
+from node.metrics import Metrics
 from node.queue import Job, JobState, Queue
 from node.spool import Spool
 from node.statuses import DELIVERED
@@ -92,17 +94,30 @@ class Sender:
         spool: Spool,
         wake: threading.Event,
         audit: AuditLog,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.spool = spool
         self.wake = wake
         self.audit = audit
+        self.metrics = metrics
+        self._state: dict[str, dict[str, str]] = {}
+        self._state_lock = threading.Lock()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="sender", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+
+    def destination_state(self) -> dict[str, dict[str, str]]:
+        """Per destination: when it last took results, and the last error (for the status page)."""
+        with self._state_lock:
+            return {name: dict(state) for name, state in self._state.items()}
+
+    def _note(self, destination: str, **fields: str) -> None:
+        with self._state_lock:
+            self._state.setdefault(destination, {}).update(fields)
 
     def stop(self, timeout: float = 30.0) -> None:
         self.stopping.set()
@@ -145,6 +160,7 @@ class Sender:
             profile = settings.objects_for(peer)
             results = [r for r in job.results if r.kind in profile]
             paths = [self.spool.absolute(r.path) for r in results]
+            attempt_started = time.perf_counter()
             try:
                 store(
                     peer, paths, calling_ae=settings.sender.calling_ae_title or settings.node.ae_title,
@@ -154,6 +170,8 @@ class Sender:
                 crash_point("sending")
             except Exception as error:  # DeliveryError, or a network error pynetdicom raised
                 errors.append(f"{peer.name}: {error}")
+                self.metrics.send_failures.labels(destination=peer.name).inc()
+                self._note(peer.name, last_error=f"{_now()} {error}"[:300])
                 self.audit.record("delivery", outcome="failed", job=job.id, destination=peer.name,
                                   ae_title=peer.ae_title, address=f"{peer.host}:{peer.port}", reason=str(error)[:300],
                                   source_sop_instance_uid=job.sop_instance_uid,
@@ -161,6 +179,8 @@ class Sender:
                                   results={r.kind: r.sop_instance_uid for r in results})
                 continue
             delivered.add(peer.name)
+            self.metrics.send_seconds.labels(destination=peer.name).observe(time.perf_counter() - attempt_started)
+            self._note(peer.name, last_delivered=_now(), last_error="")
             log.info("job=%d delivered to %s (%s@%s:%d): %s", job.id, peer.name, peer.ae_title, peer.host, peer.port,
                      " ".join(f"{r.kind}={r.sop_instance_uid}" for r in results))
             self.audit.record("delivery", outcome="delivered", job=job.id, destination=peer.name,
@@ -177,6 +197,7 @@ class Sender:
         error = "; ".join(errors)
         if attempts >= settings.sender.max_attempts:
             log.error("job=%d dead after %d attempts: %s", job.id, attempts, error)
+            self.metrics.dead.inc()
             self.audit.record("job", outcome="dead", job=job.id, attempts=attempts, reason=error[:300],
                               source_sop_instance_uid=job.sop_instance_uid)
             self.queue.record_attempt(job.id, delivered=sorted(delivered), error=error, next_attempt_at=0,
@@ -186,3 +207,7 @@ class Sender:
         log.warning("job=%d attempt %d failed, next in %.0f s: %s", job.id, attempts, delay, error)
         self.queue.record_attempt(job.id, delivered=sorted(delivered), error=error,
                                   next_attempt_at=time.time() + delay, state=JobState.SENDING)
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(sep=" ", timespec="seconds")

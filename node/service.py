@@ -18,11 +18,13 @@ from types import FrameType
 from models import Predictor, Thresholds
 from node.audit import AuditLog
 from node.config import ConfigError, Settings, load_settings, with_command_line_peers
+from node.metrics import Metrics
 from node.queue import UNFINISHED, JobState
 from node.queue.sqlite import SQLiteQueue
 from node.scp import Receiver, make_ae, start_server
 from node.sender import Sender
 from node.spool import Spool
+from node.web import StatusSources, start_http
 from node.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -129,11 +131,14 @@ def serve(
     predictor = load_predictor(settings)
     wake_worker, wake_sender = threading.Event(), threading.Event()
     audit = AuditLog(settings.node.data_dir)
-    worker = Worker(node.current, queue, spool, predictor, wake_worker, wake_sender)
-    sender = Sender(node.current, queue, spool, wake_sender, audit)
+    metrics = Metrics(queue)
+    worker = Worker(node.current, queue, spool, predictor, wake_worker, wake_sender, metrics)
+    sender = Sender(node.current, queue, spool, wake_sender, audit, metrics)
     ae = make_ae(settings)
-    receiver = Receiver(node.current, spool, queue, wake_worker, audit)
+    receiver = Receiver(node.current, spool, queue, wake_worker, audit, metrics)
     server = start_server(ae, settings, receiver)
+    http = start_http(StatusSources(node.current, queue, metrics, sender, lambda: predictor.model_version,
+                                    receiver.low_on_disk, settings.node.data_dir))
     worker.start()
     sender.start()
     wake_worker.set()
@@ -157,6 +162,8 @@ def serve(
     while [a for a in ae.active_associations if a.is_acceptor] and time.monotonic() < deadline:
         time.sleep(0.1)  # let open associations finish their C-STOREs and release
     server.shutdown()  # anything still open is aborted; an unanswered C-STORE was never acknowledged
+    if http is not None:
+        http.shutdown()
     worker.stop()
     sender.stop()
     queue.close()

@@ -20,12 +20,16 @@ from models import Finding, Predictor
 from models.errors import ModelsError
 from node.config import Settings
 from node.faults import crash_point
+from node.metrics import Metrics
 from node.outputs import write_results
+from node.overlay import render_overlay
 from node.pixels import prepare
 from node.queue import Job, JobState, Queue
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
+
+THUMBNAILS = "thumbnails"  # data_dir/thumbnails/<job id>.png, served by node.web
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Worker:
         predictor: Predictor,
         wake: threading.Event,
         wake_sender: threading.Event,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -51,6 +56,7 @@ class Worker:
         self.predictor = predictor
         self.wake = wake
         self.wake_sender = wake_sender
+        self.metrics = metrics
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="worker", daemon=True)
 
@@ -105,7 +111,10 @@ class Worker:
         started = time.perf_counter()
         crash_point("inferring")
         findings = self._predict(prepared)
-        seconds = (time.perf_counter() - started) / max(1, len(prepared))
+        elapsed = time.perf_counter() - started
+        self.metrics.inference_seconds.observe(elapsed)
+        self.metrics.batch_size.observe(len(prepared))
+        seconds = elapsed / max(1, len(prepared))
         for item, finding in zip(prepared, findings, strict=True):
             if finding is None:
                 continue
@@ -162,6 +171,8 @@ class Worker:
         destinations = settings.destinations_for(job.calling_ae)
         state = JobState.SENDING if destinations else JobState.DONE
         self.queue.set_results(job.id, results, state)
+        self.metrics.processed.inc()
+        self._thumbnail(job, item.pixels, finding)
         log.info(
             "job=%d sop=%s inferred: %d opacity box(es), present=%s p=%.3f severity=%.1f%% extent=%d; %s",
             job.id, job.sop_instance_uid, len(finding.opacities), finding.opacity_present,
@@ -174,6 +185,16 @@ class Worker:
         else:
             self.wake_sender.set()
 
+    def _thumbnail(self, job: Job, pixels: np.ndarray, finding: Finding) -> None:
+        """A small overlay picture for the status page; best effort, it is not a result."""
+        try:
+            folder = self.spool.data_dir / THUMBNAILS
+            folder.mkdir(exist_ok=True)
+            render_overlay(pixels, finding, max_side=320).save(folder / f"{job.id}.png")
+        except Exception as error:
+            log.warning("job=%d: no thumbnail (%s)", job.id, error)
+
     def _fail(self, job: Job, reason: str) -> None:
         log.warning("job=%d sop=%s failed: %s", job.id, job.sop_instance_uid, reason)
+        self.metrics.failed.inc()
         self.queue.set_state(job.id, JobState.FAILED, error=reason)

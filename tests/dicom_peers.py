@@ -251,7 +251,7 @@ class NodeProcess:
 
 def write_config(path: Path, *, port: int, data_dir: Path, destination_port: int | None = None,
                  extra: str = "", retry: str = "retry_base_s = 0.5\nretry_factor = 2\nretry_max_delay_s = 2\nmax_attempts = 3",
-                 objects: tuple[str, ...] = ("SEG", "SR")) -> Path:
+                 objects: tuple[str, ...] = ("SEG", "SR"), http_port: int = 0) -> Path:
     destination = ""
     route = ""
     if destination_port is not None:
@@ -260,7 +260,8 @@ def write_config(path: Path, *, port: int, data_dir: Path, destination_port: int
     path.write_text(
         f'[node]\nae_title = "CXRNODE"\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data_dir}"\n\n'
         f'{destination}\n{route}\n[inference]\ndevice = "cpu"\nbatch_size = 4\nmax_wait_ms = 100\n\n'
-        f'[sender]\n{retry}\ntimeout_s = 10\n\n[outputs]\nobjects = {json.dumps(list(objects))}\n\n{extra}\n'
+        f'[sender]\n{retry}\ntimeout_s = 10\n\n[outputs]\nobjects = {json.dumps(list(objects))}\n\n'
+        f'[http]\nport = {http_port}\n\n{extra}\n'
     )
     return path
 

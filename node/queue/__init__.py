@@ -128,6 +128,15 @@ class Queue(Protocol):
 
     def counts(self) -> dict[JobState, int]: ...
 
+    def oldest_unfinished(self) -> float | None:
+        """received_at of the oldest job in received / inferring / writing / sending, or None."""
+
+    def next_due_at(self) -> float | None:
+        """The earliest next_attempt_at of the jobs in `sending`, or None."""
+
+    def check_writable(self) -> None:
+        """Raise if the queue cannot take a write now (for the readiness probe)."""
+
     def revive(self, job_ids: Sequence[int] | None) -> list[Job]:
         """`cxrnode resend`: dead jobs go back to `sending` (attempts reset), failed ones to `received`.
         None means every dead or failed job. Returns the revived jobs."""

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from node.queue import Job, JobState, NewJob, ResultObject
+from node.queue import UNFINISHED, Job, JobState, NewJob, ResultObject
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -205,6 +205,17 @@ class SQLiteQueue:
         counts = {state: 0 for state in JobState}
         counts.update({JobState(row["state"]): int(row["n"]) for row in rows})
         return counts
+
+    def oldest_unfinished(self) -> float | None:
+        marks = ",".join("?" * len(UNFINISHED))
+        rows = self._read(f"SELECT MIN(received_at) AS t FROM jobs WHERE state IN ({marks})",
+                          [s.value for s in UNFINISHED])
+        value = rows[0]["t"] if rows else None
+        return float(value) if value is not None else None
+
+    def check_writable(self) -> None:
+        with self._transaction():
+            pass  # BEGIN IMMEDIATE takes the write lock; the commit of nothing is instant
 
     def revive(self, job_ids: Sequence[int] | None) -> list[Job]:
         now = time.time()
