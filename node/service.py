@@ -134,16 +134,7 @@ def serve(
     metrics = Metrics(queue)
     worker = Worker(node.current, queue, spool, predictor, wake_worker, wake_sender, metrics)
     sender = Sender(node.current, queue, spool, wake_sender, audit, metrics)
-    ae = make_ae(settings)
-    receiver = Receiver(node.current, spool, queue, wake_worker, audit, metrics)
-    server = start_server(ae, settings, receiver)
-    http = start_http(StatusSources(node.current, queue, metrics, sender, lambda: predictor.model_version,
-                                    receiver.low_on_disk, settings.node.data_dir))
-    worker.start()
-    sender.start()
-    wake_worker.set()
-    wake_sender.set()
-
+    # Handlers before the port opens: a SIGHUP or SIGTERM that arrives as soon as peers can connect is obeyed.
     def on_hangup(signum: int, frame: FrameType | None) -> None:
         node.reload()  # the association policy reads node.current() for every new association
 
@@ -154,6 +145,17 @@ def serve(
     signal.signal(signal.SIGHUP, on_hangup)
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
+
+    ae = make_ae(settings)
+    receiver = Receiver(node.current, spool, queue, wake_worker, audit, metrics)
+    server = start_server(ae, settings, receiver)
+    http = start_http(StatusSources(node.current, queue, metrics, sender, lambda: predictor.model_version,
+                                    receiver.low_on_disk, settings.node.data_dir))
+    worker.start()
+    sender.start()
+    wake_worker.set()
+    wake_sender.set()
+
     log.info("ready: %s, data in %s, results to %s", predictor.model_version, settings.node.data_dir,
              ", ".join(p.name for p in settings.destinations_for("")) or f"{spool.results}")
     node.stopped.wait()

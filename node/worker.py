@@ -1,7 +1,15 @@
 """The inference worker: takes batches of received jobs, runs the Predictor, writes the result objects.
 
-It owns the Predictor (loaded once, when the worker starts). A batch is up to `inference.batch_size` jobs; when fewer
-are waiting, it waits at most `inference.max_wait_ms` for more. Receiving never waits for this thread.
+It owns the Predictor (loaded once, when the worker starts). A batch is up to `inference.batch_size` jobs, from any
+association; when fewer are waiting, it waits at most `inference.max_wait_ms` for more. Receiving never waits for it.
+
+Three stages overlap, so that the Predictor (the GPU, when there is one) is never idle waiting for the CPU:
+
+    feed thread     claim a batch, decode and prepare its pixels (a thread pool: the decoders release the GIL)
+       │  at most one prepared batch waits here
+    infer thread    Predictor.predict on the batch
+       │  at most 2 x batch_size findings wait here
+    write pool      SEG / SR / GSPS / SC written durably, job moves on to sending (or done)
 """
 
 from __future__ import annotations
@@ -11,6 +19,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from queue import Empty, Full
+from queue import Queue as Handoff
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,31 +69,62 @@ class Worker:
         self.wake_sender = wake_sender
         self.metrics = metrics
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="worker", daemon=True)
+        batch = settings().inference.batch_size
+        self.prepare_pool = ThreadPoolExecutor(max_workers=min(8, batch), thread_name_prefix="prepare")
+        self.write_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="write")
+        self.writes_in_flight = threading.BoundedSemaphore(2 * batch)
+        self.batches: Handoff[list[Prepared]] = Handoff(maxsize=1)
+        self.feeder = threading.Thread(target=self._feed, name="worker-feed", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="worker-infer", daemon=True)
 
     def start(self) -> None:
+        self.feeder.start()
         self.thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the batch in hand, then return."""
+        """Finish the batches in hand and their writes, then return. Claimed jobs not yet analysed stay
+        `inferring` and are resumed at the next start."""
         self.stopping.set()
         self.wake.set()
+        self.feeder.join(timeout)
         self.thread.join(timeout)
+        self.write_pool.shutdown(wait=True)
+        self.prepare_pool.shutdown(wait=True)
 
-    # -- the loop ---------------------------------------------------------------------------------------------------
+    # -- the stages -------------------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _feed(self) -> None:
         while not self.stopping.is_set():
             try:
                 jobs = self._take_batch()
-                if jobs:
-                    self.process(jobs)
-                else:
+                if not jobs:
                     self.wake.wait(timeout=1.0)
                     self.wake.clear()
+                    continue
+                now = time.time()
+                for job in jobs:
+                    self.queue.add_timing(job.id, "queue_wait", now - job.received_at)
+                prepared = [p for p in self.prepare_pool.map(self._prepare, jobs) if p is not None]
+                while prepared and not self.stopping.is_set():
+                    try:
+                        self.batches.put(prepared, timeout=1.0)
+                        break
+                    except Full:
+                        continue
             except Exception:  # the worker must survive anything one batch does; the jobs stay recoverable
-                log.exception("worker: unexpected error; retrying in 5 s")
+                log.exception("worker: unexpected error while preparing; retrying in 5 s")
                 self.stopping.wait(5.0)
+
+    def _run(self) -> None:
+        while not (self.stopping.is_set() and self.batches.empty()):
+            try:
+                prepared = self.batches.get(timeout=1.0)
+            except Empty:
+                continue
+            try:
+                self.infer(prepared)
+            except Exception:
+                log.exception("worker: unexpected error in inference; the batch is resumed at the next start")
 
     def _take_batch(self) -> list[Job]:
         inference = self.settings().inference
@@ -101,13 +143,7 @@ class Worker:
 
     # -- one batch --------------------------------------------------------------------------------------------------
 
-    def process(self, jobs: list[Job]) -> None:
-        now = time.time()
-        for job in jobs:
-            self.queue.add_timing(job.id, "queue_wait", now - job.received_at)
-        prepared = [p for p in (self._prepare(job) for job in jobs) if p is not None]
-        if not prepared:
-            return
+    def infer(self, prepared: list[Prepared]) -> None:
         started = time.perf_counter()
         crash_point("inferring")
         findings = self._predict(prepared)
@@ -119,7 +155,16 @@ class Worker:
             if finding is None:
                 continue
             self.queue.add_timing(item.job.id, "inference", seconds)
+            self.writes_in_flight.acquire()
+            self.write_pool.submit(self._write_then_release, item, finding)
+
+    def _write_then_release(self, item: Prepared, finding: Finding) -> None:
+        try:
             self._write(item, finding)
+        except Exception:
+            log.exception("job=%d: unexpected error while writing; resumed at the next start", item.job.id)
+        finally:
+            self.writes_in_flight.release()
 
     def _prepare(self, job: Job) -> Prepared | None:
         if job.spool_path is None:
