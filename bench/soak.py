@@ -1,0 +1,97 @@
+"""Soak: ≥ 1000 images through the node; its resident memory and open file descriptors must stay flat.
+
+    python bench/soak.py [--n 1000] [--json OUT]
+
+Small synthetic radiographs (so that 1000 fit in minutes on a CPU) are sent in batches by DCMTK storescu to the node,
+which sends its results to a DCMTK storescp. The node process's RSS and open FDs are sampled from /proc after every
+batch. Reported: start (after the first 100 images, the warm-up), peak and end, the growth after warm-up in percent,
+and whether every image's results arrived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import free_port  # noqa: E402
+from dicom_peers import NodeProcess, StoreSCP, storescu, synthetic_file, wait_until, write_config  # noqa: E402
+
+
+def sample(pid: int) -> tuple[float, int]:
+    """(RSS in MB, open file descriptors) of a process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+    return rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--distinct", type=int, default=50, help="distinct pictures; each is sent with new UIDs")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="cxrnode-soak-"))
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    pictures = [pydicom.dcmread(synthetic_file(work, f"p{i}", seed=12000 + i, size=(320, 300), positive=i % 4 == 0))
+                for i in range(args.distinct)]
+    pacs = StoreSCP("PACS", free_port(), work / "pacs").start()
+    port = free_port()
+    config = write_config(work / "node.toml", port=port, data_dir=work / "data", destination_port=pacs.port)
+    node = NodeProcess(config, port, work / "node.log").start()
+    assert node.process is not None
+    samples: list[tuple[int, float, int]] = []
+    started = time.perf_counter()
+    try:
+        for first in range(0, args.n, args.batch):
+            folder = work / f"batch{first}"
+            folder.mkdir()
+            files = []
+            for index in range(first, min(args.n, first + args.batch)):
+                ds = pictures[index % len(pictures)].copy()
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+                    entropy_srcs=[f"soak-{index}"])
+                path = folder / f"{index}.dcm"
+                ds.save_as(path, enforce_file_format=True)
+                files.append(path)
+            assert storescu(port, files).returncode == 0
+            done = first + len(files)
+            wait_until(lambda: len(list(pacs.folder.glob("*.dcm"))) >= 2 * done, timeout=600, interval=0.5,
+                       what=f"results of {done} images")
+            for path in files:
+                path.unlink()
+            rss, fds = sample(node.process.pid)
+            samples.append((done, rss, fds))
+            print(f"{done:>5} images  RSS {rss:7.1f} MB  FDs {fds}", flush=True)
+        seconds = time.perf_counter() - started
+    finally:
+        node.stop()
+        pacs.stop()
+    warm = next(s for s in samples if s[0] >= min(100, args.n))
+    peak_rss = max(s[1] for s in samples)
+    results = {
+        "images": args.n, "seconds": round(seconds, 1), "images_per_s": args.n / seconds,
+        "results_received": len(list(pacs.folder.glob("*.dcm"))),
+        "rss_mb": {"start": warm[1], "peak": peak_rss, "end": samples[-1][1]},
+        "fds": {"start": warm[2], "peak": max(s[2] for s in samples), "end": samples[-1][2]},
+        "rss_growth_after_warmup_percent": 100 * (samples[-1][1] - warm[1]) / warm[1],
+        "samples": samples,
+    }
+    print(f"{args.n} images in {seconds:.0f} s; RSS start {warm[1]:.0f} MB, peak {peak_rss:.0f}, end {samples[-1][1]:.0f}"
+          f" ({results['rss_growth_after_warmup_percent']:+.1f} % after warm-up); FDs start {warm[2]}, "
+          f"peak {results['fds']['peak']}, end {samples[-1][2]}; {results['results_received']} result objects")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
