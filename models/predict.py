@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from models.errors import WeightsError
 from models.finding import Finding, Opacity, Thresholds
 from models.nets import DetectorConfig, LungConfig, build_detector, build_lung_segmenter
-from models.preprocess import check_image, detector_shape, letterbox, to_network_input
+from models.preprocess import as_tensor, check_image, detector_shape, letterbox, to_network_input
 from models.severity import lung_involvement
 from models.weights import DEMO_WEIGHTS, MANIFEST, load_into, load_network, read_manifest, thresholds_of
 
@@ -66,6 +66,9 @@ class Predictor:
     ) -> None:
         self.detector = detector.eval().to(device)
         self.lungs = lungs.eval().to(device)
+        if device.type == "cuda":  # convolutions in NHWC are what the GPU's tensor cores want
+            self.detector = self.detector.to(memory_format=torch.channels_last)
+            self.lungs = self.lungs.to(memory_format=torch.channels_last)
         self.detector_config = detector_config
         self.lung_config = lung_config
         self.thresholds = thresholds
@@ -101,14 +104,22 @@ class Predictor:
 
     # -- the two networks -------------------------------------------------------------------------------------------
 
+    def upload(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """The images as float32 tensors on the Predictor's device: uploaded once, resized there (on a GPU the
+        full-resolution resizing is GPU work, not CPU work)."""
+        return [as_tensor(image, self.device) for image in images]
+
     @torch.inference_mode()
-    def detect(self, images: Sequence[np.ndarray]) -> list[RawDetections]:
+    def detect(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[RawDetections]:
         """Detector only, at network resolution (used by evaluation and training's validation too)."""
         size = self.detector_config.input_size
         shapes = [detector_shape(*image.shape, size) for image in images]
         batch = torch.stack([letterbox(to_network_input(i, s), size) for i, s in zip(images, shapes, strict=True)])
+        batch = batch.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, enabled=self.autocast):
-            outputs = self.detector(list(batch.to(self.device, non_blocking=True)))
+            outputs = self.detector(list(batch))
         for output, (rows, columns) in zip(outputs, shapes, strict=True):  # nothing lies in the letterbox padding
             output["boxes"][:, 0::2] = output["boxes"][:, 0::2].clamp(0, columns)
             output["boxes"][:, 1::2] = output["boxes"][:, 1::2].clamp(0, rows)
@@ -121,10 +132,12 @@ class Predictor:
         ]
 
     @torch.inference_mode()
-    def segment_lungs(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    def segment_lungs(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
         """Lung-class logits (3, s, s) per image at the segmenter's resolution."""
         size = self.lung_config.input_size
         batch = torch.stack([to_network_input(image, (size, size)) for image in images]).to(self.device)
+        if self.device.type == "cuda":
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, enabled=self.autocast):
             logits = self.lungs(batch)["out"]
         return list(logits.float())
@@ -138,8 +151,9 @@ class Predictor:
         findings: list[Finding] = []
         for start in range(0, len(images), self.max_batch):
             chunk = images[start : start + self.max_batch]
-            detections = self.detect(chunk)
-            lung_logits = self.segment_lungs(chunk)
+            uploaded = self.upload(chunk)
+            detections = self.detect(uploaded)
+            lung_logits = self.segment_lungs(uploaded)
             findings.extend(
                 self.finding(image.shape, raw, logits)  # type: ignore[arg-type]
                 for image, raw, logits in zip(chunk, detections, lung_logits, strict=True)

@@ -48,9 +48,18 @@ def detector_shape(rows: int, columns: int, long_side: int) -> tuple[int, int]:
     return max(1, round(rows * scale)), max(1, round(columns * scale))
 
 
-def resize(image: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
-    """Area-averaged (antialiased) resize to `shape`, as a float32 (rows, columns) tensor of the original values."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+def as_tensor(image: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+    """The image as a float32 (rows, columns) tensor on `device` (through pinned memory when that is a GPU)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    if device is not None and device.type == "cuda":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+def resize(image: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Area-averaged (antialiased) resize to `shape`, as a float32 (rows, columns) tensor of the original values,
+    on the device the image is on."""
+    tensor = (image if isinstance(image, torch.Tensor) else as_tensor(image))[None, None]
     if tuple(tensor.shape[-2:]) != shape:
         tensor = F.interpolate(tensor, size=shape, mode="bilinear", antialias=True, align_corners=False)
     return tensor[0, 0]
@@ -61,14 +70,16 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
     flat = image.flatten()
     if flat.numel() > 65536:  # percentiles of a regular subsample are as good and much faster
         flat = flat[:: flat.numel() // 65536]
-    low, high = torch.quantile(flat.float(), torch.tensor([LOW_PERCENTILE / 100, HIGH_PERCENTILE / 100]))
+    low, high = torch.quantile(
+        flat.float(), torch.tensor([LOW_PERCENTILE / 100, HIGH_PERCENTILE / 100], device=flat.device)
+    )
     if float(high - low) <= 1e-6:
         return torch.zeros_like(image)
     return ((image - low) / (high - low)).clamp_(0.0, 1.0)
 
 
-def to_network_input(image: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
-    """One radiograph → a (3, rows, columns) float tensor in [0, 1] of the given shape."""
+def to_network_input(image: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """One radiograph → a (3, rows, columns) float tensor in [0, 1] of the given shape (on the image's device)."""
     return normalize(resize(image, shape)).expand(3, -1, -1).contiguous()
 
 
