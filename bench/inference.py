@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from models import Predictor
 import torch.nn.functional as F
 
+from models import Predictor
 from models.preprocess import normalize
 from models.severity import lung_involvement
 from models.synth import make_radiograph, presentation_image
@@ -36,8 +35,10 @@ from models.synth import make_radiograph, presentation_image
 
 def images(n: int, rows: int, columns: int) -> list[np.ndarray]:
     rng = np.random.default_rng(1)
-    return [presentation_image(make_radiograph(rng, rows, columns, positive=i % 2 == 0)).astype(np.float32)
-            for i in range(n)]
+    return [
+        presentation_image(make_radiograph(rng, rows, columns, positive=i % 2 == 0)).astype(np.float32)
+        for i in range(n)
+    ]
 
 
 def seconds(function: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
@@ -60,8 +61,9 @@ def naive_loop(predictor: Predictor, pool: list[np.ndarray]) -> None:
             x = normalize(torch.from_numpy(image)).expand(3, -1, -1).contiguous().to(predictor.device)
             out = predictor.detector([x])[0]  # resized inside, masks pasted back at full resolution
             keep = out["scores"] >= th.score
-            opacity = (out["masks"][keep] >= th.mask).any(0)[0].cpu().numpy() if keep.any() else np.zeros(
-                image.shape, bool)
+            opacity = (
+                (out["masks"][keep] >= th.mask).any(0)[0].cpu().numpy() if keep.any() else np.zeros(image.shape, bool)
+            )
             logits = predictor.lungs(F.interpolate(x[None], size=(lung_size, lung_size), mode="bilinear"))["out"]
             labels = F.interpolate(logits, size=image.shape, mode="bilinear")[0].argmax(0).cpu().numpy()
             lung_involvement(opacity, labels == 1, labels == 2)
@@ -77,18 +79,27 @@ def measure(device: str, args: argparse.Namespace, pool: list[np.ndarray]) -> di
         predictor.max_batch = batch
         chunk = pool[:batch] * max(1, args.images // batch)
         predictor.predict(pool[:batch])
-        runs = seconds(lambda: predictor.predict(chunk), 2, torch_device)
+        runs = seconds(lambda chunk=chunk: predictor.predict(chunk), 2, torch_device)
         per_batch[str(batch)] = len(chunk) / statistics.median(runs)
     naive_pool = pool[: args.images]
     naive_loop(predictor, naive_pool[:1])
     naive = len(naive_pool) / statistics.median(seconds(lambda: naive_loop(predictor, naive_pool), 2, torch_device))
-    name = str(torch_device) + (f" ({torch.cuda.get_device_name(torch_device)})" if torch_device.type == "cuda" else
-                                f" ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                                f"{torch.get_num_threads()} threads)")
+    name = str(torch_device) + (
+        f" ({torch.cuda.get_device_name(torch_device)})"
+        if torch_device.type == "cuda"
+        else f" ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} threads)"
+    )
     best = max(per_batch.values())
-    return {"device": name, "model_version": predictor.model_version,
-            "latency_one_image_median_s": statistics.median(latency), "latency_p90_s": float(np.percentile(latency, 90)),
-            "predictor_images_per_s": per_batch, "naive_images_per_s": naive, "speedup_best_batch": best / naive}
+    return {
+        "device": name,
+        "model_version": predictor.model_version,
+        "latency_one_image_median_s": statistics.median(latency),
+        "latency_p90_s": float(np.percentile(latency, 90)),
+        "predictor_images_per_s": per_batch,
+        "naive_images_per_s": naive,
+        "speedup_best_batch": best / naive,
+    }
 
 
 def main() -> int:
@@ -103,13 +114,18 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     pool = images(max(max(args.batches), args.images), args.rows, args.columns)
-    devices = ["cpu", "cuda"] if args.device == "auto" and torch.cuda.is_available() else (
-        ["cpu"] if args.device == "auto" else [args.device])
+    devices = (
+        ["cpu", "cuda"]
+        if args.device == "auto" and torch.cuda.is_available()
+        else (["cpu"] if args.device == "auto" else [args.device])
+    )
     results = [measure(device, args, pool) for device in devices]
     for r in results:
         print(f"{r['device']}  model {r['model_version']}  image {args.columns} x {args.rows}")
-        print(f"  one image, both networks: median {r['latency_one_image_median_s']:.3f} s, "
-              f"p90 {r['latency_p90_s']:.3f} s")
+        print(
+            f"  one image, both networks: median {r['latency_one_image_median_s']:.3f} s, "
+            f"p90 {r['latency_p90_s']:.3f} s"
+        )
         print(f"  naive loop (batch 1, fp32): {r['naive_images_per_s']:.2f} images/s")
         for batch, value in r["predictor_images_per_s"].items():  # type: ignore[union-attr]
             print(f"  Predictor batch {batch:>2}: {value:.2f} images/s")

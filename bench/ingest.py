@@ -28,9 +28,16 @@ def send_parallel(port: int, called: str, files: list[Path], associations: int) 
     """Seconds for `associations` storescu processes to send their share of `files`."""
     shares = [files[i::associations] for i in range(associations)]
     started = time.perf_counter()
-    processes = [subprocess.Popen(["storescu", "-xe", "--aetitle", "BENCH", "--call", called, "127.0.0.1", str(port),
-                                   *map(str, share)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for share in shares if share]
+    processes = [
+        subprocess.Popen(
+            ["storescu", "-xe", "--aetitle", "BENCH", "--call", called, "127.0.0.1", str(port), *map(str, share)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for share in shares
+        if share
+    ]
     for process in processes:
         _, error = process.communicate()
         if process.returncode != 0:
@@ -47,14 +54,20 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="cxrnode-ingest-"))
     images = work / "images"
     images.mkdir()
-    files = [synthetic_file(images, f"i{i:03d}", seed=11000 + i, size=tuple(args.size), bits=16, positive=i % 4 == 0)
-             for i in range(args.n)]
+    files = [
+        synthetic_file(images, f"i{i:03d}", seed=11000 + i, size=tuple(args.size), bits=16, positive=i % 4 == 0)
+        for i in range(args.n)
+    ]
     megabytes = sum(f.stat().st_size for f in files) / 1e6 / len(files)
-    results: dict[str, object] = {"images": args.n, "megabytes_per_image": round(megabytes, 1),
-                                  "cpu_count": os.cpu_count()}
+    results: dict[str, object] = {
+        "images": args.n,
+        "megabytes_per_image": round(megabytes, 1),
+        "cpu_count": os.cpu_count(),
+    }
     for associations in (1, 4):
-        scp = StoreSCP("PLAIN", free_port(), work / f"plain{associations}",
-                       options=("--fork",) if associations > 1 else ()).start()
+        scp = StoreSCP(
+            "PLAIN", free_port(), work / f"plain{associations}", options=("--fork",) if associations > 1 else ()
+        ).start()
         plain = send_parallel(scp.port, "PLAIN", files, associations)
         scp.stop()
         port = free_port()
@@ -67,13 +80,18 @@ def main() -> int:
         finally:
             node.stop()
         results[f"{associations}_association"] = {
-            "storescp_images_per_s": args.n / plain, "cxrnode_images_per_s": args.n / ours, "ratio": plain / ours}
+            "storescp_images_per_s": args.n / plain,
+            "cxrnode_images_per_s": args.n / ours,
+            "ratio": plain / ours,
+        }
     print(f"{args.n} images of {megabytes:.1f} MB, {os.cpu_count()} CPU(s); durable writes on, models running")
     for associations in (1, 4):
         r = results[f"{associations}_association"]
         assert isinstance(r, dict)
-        print(f"{associations} association(s): storescp {r['storescp_images_per_s']:.2f} img/s, "
-              f"cxrnode {r['cxrnode_images_per_s']:.2f} img/s, ratio {r['ratio']:.2f}")
+        print(
+            f"{associations} association(s): storescp {r['storescp_images_per_s']:.2f} img/s, "
+            f"cxrnode {r['cxrnode_images_per_s']:.2f} img/s, ratio {r['ratio']:.2f}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     subprocess.run(["rm", "-rf", str(work)], check=False)

@@ -45,8 +45,18 @@ def main() -> int:
     work = Path(args.keep or tempfile.mkdtemp(prefix="cxrnode-bench-"))
     images = work / "images"
     images.mkdir(parents=True, exist_ok=True)
-    files = [synthetic_file(images, f"img{i:03d}", seed=9000 + i, size=tuple(args.size), positive=i % 3 == 0,
-                            modality="DX" if i % 2 else "CR", bits=12) for i in range(args.n)]
+    files = [
+        synthetic_file(
+            images,
+            f"img{i:03d}",
+            seed=9000 + i,
+            size=tuple(args.size),
+            positive=i % 3 == 0,
+            modality="DX" if i % 2 else "CR",
+            bits=12,
+        )
+        for i in range(args.n)
+    ]
     megabytes = sum(f.stat().st_size for f in files) / 1e6
 
     # 1. DCMTK storescp alone (burst only: the ingest reference).
@@ -94,7 +104,10 @@ def main() -> int:
         for stage, values in stages.items():
             values.append(job["timings"].get(stage, 0.0))
     results = {
-        "images": args.n, "size": list(args.size), "megabytes": round(megabytes, 1), "cpu_count": os.cpu_count(),
+        "images": args.n,
+        "size": list(args.size),
+        "megabytes": round(megabytes, 1),
+        "cpu_count": os.cpu_count(),
         "interval_s": args.interval,
         "ingest_storescp_images_per_s": args.n / plain_seconds if plain_seconds else None,
         "ingest_cxrnode_images_per_s": args.n / node_seconds if not args.interval else None,
@@ -104,14 +117,20 @@ def main() -> int:
         "per_image_latency_p95_s": percentile(latencies, 95),
         "stage_median_s": {k: statistics.median(v) for k, v in stages.items()},
     }
-    print(f"{args.n} images {args.size[1]} x {args.size[0]}, {megabytes:.0f} MB, {os.cpu_count()} CPU(s), "
-          f"{'all at once' if not args.interval else f'one every {args.interval:g} s'}")
+    print(
+        f"{args.n} images {args.size[1]} x {args.size[0]}, {megabytes:.0f} MB, {os.cpu_count()} CPU(s), "
+        f"{'all at once' if not args.interval else f'one every {args.interval:g} s'}"
+    )
     if plain_seconds:
-        print(f"ingest  storescp {results['ingest_storescp_images_per_s']:.2f} img/s   "
-              f"cxrnode {results['ingest_cxrnode_images_per_s']:.2f} img/s   ratio {results['ingest_ratio']:.2f}")
+        print(
+            f"ingest  storescp {results['ingest_storescp_images_per_s']:.2f} img/s   "
+            f"cxrnode {results['ingest_cxrnode_images_per_s']:.2f} img/s   ratio {results['ingest_ratio']:.2f}"
+        )
     print(f"first C-STORE to last SEG/SR: {results['first_store_to_last_result_s']:.1f} s")
-    print(f"per image, C-STORE to results (s): p50 {results['per_image_latency_median_s']:.2f}"
-          f"  p95 {results['per_image_latency_p95_s']:.2f}")
+    print(
+        f"per image, C-STORE to results (s): p50 {results['per_image_latency_median_s']:.2f}"
+        f"  p95 {results['per_image_latency_p95_s']:.2f}"
+    )
     print("stage medians (s): " + "  ".join(f"{k} {v:.2f}" for k, v in results["stage_median_s"].items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

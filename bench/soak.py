@@ -41,8 +41,10 @@ def main() -> int:
     import pydicom
     from pydicom.uid import generate_uid
 
-    pictures = [pydicom.dcmread(synthetic_file(work, f"p{i}", seed=12000 + i, size=(320, 300), positive=i % 4 == 0))
-                for i in range(args.distinct)]
+    pictures = [
+        pydicom.dcmread(synthetic_file(work, f"p{i}", seed=12000 + i, size=(320, 300), positive=i % 4 == 0))
+        for i in range(args.distinct)
+    ]
     pacs = StoreSCP("PACS", free_port(), work / "pacs").start()
     port = free_port()
     config = write_config(work / "node.toml", port=port, data_dir=work / "data", destination_port=pacs.port)
@@ -58,14 +60,19 @@ def main() -> int:
             for index in range(first, min(args.n, first + args.batch)):
                 ds = pictures[index % len(pictures)].copy()
                 ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
-                    entropy_srcs=[f"soak-{index}"])
+                    entropy_srcs=[f"soak-{index}"]
+                )
                 path = folder / f"{index}.dcm"
                 ds.save_as(path, enforce_file_format=True)
                 files.append(path)
             assert storescu(port, files).returncode == 0
             done = first + len(files)
-            wait_until(lambda: len(list(pacs.folder.glob("*.dcm"))) >= 2 * done, timeout=600, interval=0.5,
-                       what=f"results of {done} images")
+            wait_until(
+                lambda done=done: len(list(pacs.folder.glob("*.dcm"))) >= 2 * done,
+                timeout=600,
+                interval=0.5,
+                what=f"results of {done} images",
+            )
             for path in files:
                 path.unlink()
             rss, fds = sample(node.process.pid)
@@ -78,16 +85,20 @@ def main() -> int:
     warm = next(s for s in samples if s[0] >= min(100, args.n))
     peak_rss = max(s[1] for s in samples)
     results = {
-        "images": args.n, "seconds": round(seconds, 1), "images_per_s": args.n / seconds,
+        "images": args.n,
+        "seconds": round(seconds, 1),
+        "images_per_s": args.n / seconds,
         "results_received": len(list(pacs.folder.glob("*.dcm"))),
         "rss_mb": {"start": warm[1], "peak": peak_rss, "end": samples[-1][1]},
         "fds": {"start": warm[2], "peak": max(s[2] for s in samples), "end": samples[-1][2]},
         "rss_growth_after_warmup_percent": 100 * (samples[-1][1] - warm[1]) / warm[1],
         "samples": samples,
     }
-    print(f"{args.n} images in {seconds:.0f} s; RSS start {warm[1]:.0f} MB, peak {peak_rss:.0f}, end {samples[-1][1]:.0f}"
-          f" ({results['rss_growth_after_warmup_percent']:+.1f} % after warm-up); FDs start {warm[2]}, "
-          f"peak {results['fds']['peak']}, end {samples[-1][2]}; {results['results_received']} result objects")
+    print(
+        f"{args.n} images in {seconds:.0f} s; RSS start {warm[1]:.0f} MB, peak {peak_rss:.0f}, end {samples[-1][1]:.0f}"
+        f" ({results['rss_growth_after_warmup_percent']:+.1f} % after warm-up); FDs start {warm[2]}, "
+        f"peak {results['fds']['peak']}, end {samples[-1][2]}; {results['results_received']} result objects"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

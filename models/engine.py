@@ -59,11 +59,15 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, schedule: str, ba
     parser.add_argument("--out", type=Path, required=True, help="weights folder to write (created if needed)")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per step (default %(default)s)")
     parser.add_argument(
-        "--lr-schedule", type=parse_schedule, default=parse_schedule(schedule),
+        "--lr-schedule",
+        type=parse_schedule,
+        default=parse_schedule(schedule),
         help=f"LR:EPOCHS stages (default {schedule}); the number of epochs is their sum",
     )
     parser.add_argument(
-        "--lr-reference-batch", type=int, default=8,
+        "--lr-reference-batch",
+        type=int,
+        default=8,
         help="batch size the schedule's rates are meant for; rates are scaled linearly by batch-size / this",
     )
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")

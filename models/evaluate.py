@@ -47,7 +47,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
     parser.add_argument(
-        "--split", choices=("all", "holdout"), default="all",
+        "--split",
+        choices=("all", "holdout"),
+        default="all",
         help="holdout: only the fixed 20%% held out from training by models.data.lungs.is_holdout",
     )
     parser.add_argument("--no-progress", action="store_true")
@@ -85,8 +87,9 @@ def evaluate_rsna(predictor: Predictor, root: Path, args: argparse.Namespace) ->
             labels.append(record.positive)
             probabilities.append(finding.opacity_probability)
             if record.lung_mask is not None:
-                lung_scores.append(_lung_dice(finding.right_lung, finding.left_lung,
-                                              read_mask(record.lung_mask, image.shape)))
+                lung_scores.append(
+                    _lung_dice(finding.right_lung, finding.left_lung, read_mask(record.lung_mask, image.shape))
+                )
             if record.severity_total is not None:
                 severity_errors.append(abs(finding.severity.total - record.severity_total))
         bar.update(len(chunk))
@@ -119,7 +122,9 @@ def evaluate_pairs(predictor: Predictor, root: Path, args: argparse.Namespace) -
             scores.append(value)
             by_view[pair.view or "unknown"].append(value)
     return {
-        "rsna_map": None, "map50": None, "auc": None,
+        "rsna_map": None,
+        "map50": None,
+        "auc": None,
         "lung_dice": float(np.mean(scores)) if scores else None,
         "severity_mae": None,
         "n_images": len(pairs),
@@ -135,7 +140,9 @@ def evaluate(dataset: Path, args: argparse.Namespace) -> dict[str, Any]:
     else:
         results = evaluate_pairs(predictor, dataset, args)
     results.update(
-        dataset=str(dataset), split=args.split, model_version=predictor.model_version,
+        dataset=str(dataset),
+        split=args.split,
+        model_version=predictor.model_version,
         seconds=round(time.perf_counter() - started, 1),
     )
     return results
@@ -143,9 +150,12 @@ def evaluate(dataset: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def format_table(results: dict[str, Any]) -> str:
     names = {
-        "rsna_map": "RSNA challenge mAP (IoU 0.40-0.75)", "map50": "COCO AP at IoU 0.5",
-        "auc": "opacity-present ROC AUC", "lung_dice": "lung Dice (per lung)",
-        "severity_mae": "severity MAE (points)", "n_images": "images",
+        "rsna_map": "RSNA challenge mAP (IoU 0.40-0.75)",
+        "map50": "COCO AP at IoU 0.5",
+        "auc": "opacity-present ROC AUC",
+        "lung_dice": "lung Dice (per lung)",
+        "severity_mae": "severity MAE (points)",
+        "n_images": "images",
     }
     lines = [f"{'metric':<38} value", "-" * 48]
     for key in KEYS:

@@ -93,13 +93,23 @@ def map50(images: Sequence[ImageDetections]) -> float | None:
         for box in image.truth.reshape(-1, 4):
             w, h = float(box[2] - box[0]), float(box[3] - box[1])
             gt["annotations"].append(
-                {"id": len(gt["annotations"]) + 1, "image_id": index, "category_id": 1,
-                 "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h, "iscrowd": 0}
+                {
+                    "id": len(gt["annotations"]) + 1,
+                    "image_id": index,
+                    "category_id": 1,
+                    "bbox": [float(box[0]), float(box[1]), w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
             )
         for box, score in zip(image.boxes.reshape(-1, 4), image.scores, strict=True):
             detections.append(
-                {"image_id": index, "category_id": 1, "score": float(score),
-                 "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]}
+                {
+                    "image_id": index,
+                    "category_id": 1,
+                    "score": float(score),
+                    "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])],
+                }
             )
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco = COCO()

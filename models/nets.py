@@ -152,9 +152,7 @@ def _backbone(config: DetectorConfig, pretrained_backbone: Path | None) -> Backb
                 f"({len(missing)} of its tensors missing, e.g. {missing[:3]})"
             )
     features = getattr(net, body) if body else net
-    return BackboneWithFPN(
-        features, return_layers, channels, config.fpn_channels, extra_blocks=LastLevelMaxPool()
-    )
+    return BackboneWithFPN(features, return_layers, channels, config.fpn_channels, extra_blocks=LastLevelMaxPool())
 
 
 def build_detector(
@@ -185,9 +183,7 @@ def build_detector(
         box_predictor=FastRCNNPredictor(representation, NUM_DETECTOR_CLASSES),
         mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
         mask_head=MaskRCNNHeads(config.fpn_channels, [config.mask_head_channels] * 4, 1),
-        mask_predictor=MaskRCNNPredictor(
-            config.mask_head_channels, config.mask_head_channels, NUM_DETECTOR_CLASSES
-        ),
+        mask_predictor=MaskRCNNPredictor(config.mask_head_channels, config.mask_head_channels, NUM_DETECTOR_CLASSES),
         box_score_thresh=config.box_score_floor,
         box_detections_per_img=config.detections_per_image,
         # A radiograph has at most a handful of opacities (RSNA: 1-4 boxes), not COCO's dozens of objects:
@@ -216,9 +212,7 @@ def build_lung_segmenter(config: LungConfig, *, pretrained_backbone: Path | None
     model = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=len(config.classes))
     if pretrained_backbone is not None:
         state = _load_state_dict(pretrained_backbone, "MobileNetV3-Large ImageNet backbone")
-        features = OrderedDict(
-            (k.removeprefix("features."), v) for k, v in state.items() if k.startswith("features.")
-        )
+        features = OrderedDict((k.removeprefix("features."), v) for k, v in state.items() if k.startswith("features."))
         missing, _ = model.backbone.load_state_dict(features, strict=False)
         if len(missing) > len(features) // 2:
             raise WeightsError(f"{pretrained_backbone}: these are not MobileNetV3-Large weights")

@@ -125,8 +125,10 @@ class Predictor:
             output["boxes"][:, 1::2] = output["boxes"][:, 1::2].clamp(0, rows)
         return [
             RawDetections(
-                boxes=o["boxes"].float(), scores=o["scores"].float(),
-                masks=o["masks"].float()[..., : shape[0], : shape[1]], network_shape=shape,
+                boxes=o["boxes"].float(),
+                scores=o["scores"].float(),
+                masks=o["masks"].float()[..., : shape[0], : shape[1]],
+                network_shape=shape,
             )
             for o, shape in zip(outputs, shapes, strict=True)
         ]
@@ -206,4 +208,3 @@ def lung_masks(logits: torch.Tensor, shape: tuple[int, int]) -> tuple[np.ndarray
     labels = F.interpolate(logits[None], size=shape, mode="bilinear", align_corners=False)[0].argmax(0)
     labels_np = labels.to(torch.uint8).cpu().numpy()
     return labels_np == 1, labels_np == 2
-

@@ -31,10 +31,11 @@ import logging
 import math
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -76,7 +77,13 @@ DATASET_INFO_FILE = "dataset.json"
 LABELS_HEADER = ("patientId", "x", "y", "width", "height", "Target")
 CLASS_INFO_HEADER = ("patientId", "class")
 SEVERITY_HEADER = (
-    "patientId", "severity_right", "severity_left", "severity_total", "extent_right", "extent_left", "extent_total"
+    "patientId",
+    "severity_right",
+    "severity_left",
+    "severity_total",
+    "extent_right",
+    "extent_left",
+    "extent_total",
 )
 
 
@@ -345,17 +352,14 @@ def _closed_spline(points: np.ndarray, per_segment: int = 10) -> np.ndarray:
         p0, p1, p2, p3 = p[(i - 1) % n], p[i], p[(i + 1) % n], p[(i + 2) % n]
         out.append(
             0.5
-            * (
-                2 * p1
-                + (-p0 + p2) * t
-                + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2
-                + (-p0 + 3 * p1 - 3 * p2 + p3) * t**3
-            )
+            * (2 * p1 + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2 + (-p0 + 3 * p1 - 3 * p2 + p3) * t**3)
         )
     return np.concatenate(out)
 
 
-def _bezier(p0: Sequence[float], p1: Sequence[float], p2: Sequence[float], p3: Sequence[float], n: int = 24) -> np.ndarray:
+def _bezier(
+    p0: Sequence[float], p1: Sequence[float], p2: Sequence[float], p3: Sequence[float], n: int = 24
+) -> np.ndarray:
     t = np.linspace(0.0, 1.0, n)[:, None]
     a, b, c, d = (np.asarray(p, dtype=np.float64) for p in (p0, p1, p2, p3))
     return (1 - t) ** 3 * a + 3 * (1 - t) ** 2 * t * b + 3 * (1 - t) * t**2 * c + t**3 * d
@@ -369,20 +373,53 @@ def _rib_half_width(v: np.ndarray | float, apex_width: float) -> np.ndarray:
 
 # The patient's right lung (u < 0), apex first, clockwise on the display: lateral wall, costophrenic angle, dome,
 # cardiophrenic angle, medial border. The left lung mirrors it with its own dome and costophrenic angle.
-_RIGHT_LUNG = _read_only(np.array(
-    [
-        (-0.34, 0.00), (-0.50, 0.04), (-0.68, 0.18), (-0.81, 0.42), (-0.88, 0.72), (-0.91, 1.02), (-0.925, 1.28),
-        (-0.93, 1.45), (-0.86, 1.40), (-0.72, 1.29), (-0.52, 1.20), (-0.36, 1.18), (-0.22, 1.22), (-0.13, 1.30),
-        (-0.11, 1.05), (-0.105, 0.78), (-0.12, 0.52), (-0.13, 0.30), (-0.16, 0.12), (-0.24, 0.02),
-    ]
-))
+_RIGHT_LUNG = _read_only(
+    np.array(
+        [
+            (-0.34, 0.00),
+            (-0.50, 0.04),
+            (-0.68, 0.18),
+            (-0.81, 0.42),
+            (-0.88, 0.72),
+            (-0.91, 1.02),
+            (-0.925, 1.28),
+            (-0.93, 1.45),
+            (-0.86, 1.40),
+            (-0.72, 1.29),
+            (-0.52, 1.20),
+            (-0.36, 1.18),
+            (-0.22, 1.22),
+            (-0.13, 1.30),
+            (-0.11, 1.05),
+            (-0.105, 0.78),
+            (-0.12, 0.52),
+            (-0.13, 0.30),
+            (-0.16, 0.12),
+            (-0.24, 0.02),
+        ]
+    )
+)
 # The heart, from the superior vena cava round the right atrium, under the diaphragm, up the left ventricle.
-_HEART = _read_only(np.array(
-    [
-        (-0.10, 0.60), (-0.20, 0.74), (-0.27, 0.92), (-0.27, 1.12), (-0.20, 1.34), (0.05, 1.46), (0.40, 1.46),
-        (0.55, 1.34), (0.59, 1.18), (0.55, 1.0), (0.44, 0.86), (0.30, 0.76), (0.24, 0.66), (0.12, 0.60),
-    ]
-))
+_HEART = _read_only(
+    np.array(
+        [
+            (-0.10, 0.60),
+            (-0.20, 0.74),
+            (-0.27, 0.92),
+            (-0.27, 1.12),
+            (-0.20, 1.34),
+            (0.05, 1.46),
+            (0.40, 1.46),
+            (0.55, 1.34),
+            (0.59, 1.18),
+            (0.55, 1.0),
+            (0.44, 0.86),
+            (0.30, 0.76),
+            (0.24, 0.66),
+            (0.12, 0.60),
+        ]
+    )
+)
 
 
 def _sample_anatomy(rng: np.random.Generator, rows: int, cols: int, view_position: str, sex: str) -> _Anatomy:
@@ -425,8 +462,19 @@ def _sample_anatomy(rng: np.random.Generator, rows: int, cols: int, view_positio
     chest = rng.uniform(1.10, 1.22) + (0.05 if sex == "F" else 0.0)
     neck = rng.uniform(0.26, 0.36)
     hw = np.array(
-        [neck, neck * 1.05, neck * 1.6, 0.62 * shoulder, 0.85 * shoulder, 0.97 * shoulder, shoulder,
-         0.5 * (shoulder + chest), chest, chest * 0.98, chest * 0.95]
+        [
+            neck,
+            neck * 1.05,
+            neck * 1.6,
+            0.62 * shoulder,
+            0.85 * shoulder,
+            0.97 * shoulder,
+            shoulder,
+            0.5 * (shoulder + chest),
+            chest,
+            chest * 0.98,
+            chest * 0.95,
+        ]
     )
     hw[:6] *= np.linspace(1.0, 1.0 + rng.uniform(-0.08, 0.08), 6)
 
@@ -440,7 +488,9 @@ def _sample_anatomy(rng: np.random.Generator, rows: int, cols: int, view_positio
             up = 0.09 - 0.004 * k  # upper ribs arch more
             drop = 0.22 + 0.015 * k
             post = _bezier((0.05, vk), (0.4 * hwk, vk - up), (0.88 * hwk, vk - 0.6 * up), (hwk, vk + drop))
-            ant = _bezier((hwk, vk + drop), (0.97 * hwk, vk + drop + 0.12), (0.6 * hwk, vk + drop + 0.2), (0.28, vk + drop + 0.36))
+            ant = _bezier(
+                (hwk, vk + drop), (0.97 * hwk, vk + drop + 0.12), (0.6 * hwk, vk + drop + 0.2), (0.28, vk + drop + 0.36)
+            )
             post[:, 0] *= side
             ant[:, 0] *= side
             ribs_post.append(_Stroke(post, rib_w * (0.85 + 0.02 * k) * rng.uniform(0.92, 1.08), 1.0))
@@ -478,7 +528,12 @@ def _sample_anatomy(rng: np.random.Generator, rows: int, cols: int, view_positio
         breasts = [(s * rng.uniform(0.5, 0.62), bv, size * 1.2, size) for s in (-1.0, 1.0)]
     bubble = None
     if rng.random() < 0.6:
-        bubble = (rng.uniform(0.38, 0.6), height + rng.uniform(0.12, 0.22), rng.uniform(0.1, 0.18), rng.uniform(0.06, 0.1))
+        bubble = (
+            rng.uniform(0.38, 0.6),
+            height + rng.uniform(0.12, 0.22),
+            rng.uniform(0.1, 0.18),
+            rng.uniform(0.06, 0.1),
+        )
 
     devices, electrodes = _sample_devices(rng, height, ap)
     return _Anatomy(
@@ -535,7 +590,9 @@ def _vessel_tree(rng: np.random.Generator, hilum: tuple[float, float], side: flo
     return strokes
 
 
-def _sample_devices(rng: np.random.Generator, height: float, ap: bool) -> tuple[list[_Stroke], list[tuple[float, float, float]]]:
+def _sample_devices(
+    rng: np.random.Generator, height: float, ap: bool
+) -> tuple[list[_Stroke], list[tuple[float, float, float]]]:
     """ECG electrodes with their leads, and sometimes a central venous line: common on real (mostly AP) films."""
     strokes: list[_Stroke] = []
     electrodes: list[tuple[float, float, float]] = []
@@ -549,9 +606,7 @@ def _sample_devices(rng: np.random.Generator, height: float, ap: bool) -> tuple[
     if rng.random() < (0.3 if ap else 0.04):
         s = -1.0 if rng.random() < 0.7 else 1.0
         tip = (s * 0.08, height * rng.uniform(0.42, 0.55))
-        strokes.append(
-            _Stroke(_bezier((s * 0.6, -0.15), (s * 0.35, -0.05), (s * 0.12, 0.1), tip), 0.014, 0.8)
-        )
+        strokes.append(_Stroke(_bezier((s * 0.6, -0.15), (s * 0.35, -0.05), (s * 0.12, 0.1), tip), 0.014, 0.8))
     return strokes, electrodes
 
 
@@ -645,7 +700,9 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float
     small_shape = (max(2, shape[0] // factor + 1), max(2, shape[1] // factor + 1))
     noise = ndimage.gaussian_filter(rng.standard_normal(small_shape, dtype=np.float32), sigma / factor, mode="wrap")
     noise /= max(float(noise.std()), 1e-6)
-    up = Image.fromarray(noise, mode="F").resize((small_shape[1] * factor, small_shape[0] * factor), Image.Resampling.BILINEAR)
+    up = Image.fromarray(noise, mode="F").resize(
+        (small_shape[1] * factor, small_shape[0] * factor), Image.Resampling.BILINEAR
+    )
     return np.array(up)[: shape[0], : shape[1]]
 
 
@@ -763,7 +820,9 @@ def _make_opacity(
     if consolidation and rng.random() < 0.6:
         hx, hy = hilum_px
         start_angle = math.atan2(cy - hy, cx - hx)
-        stack = [(cx - 0.6 * a * math.cos(start_angle), cy - 0.6 * b * math.sin(start_angle), start_angle, 0.06 * min(a, b))]
+        stack = [
+            (cx - 0.6 * a * math.cos(start_angle), cy - 0.6 * b * math.sin(start_angle), start_angle, 0.06 * min(a, b))
+        ]
         while stack and len(bronchi) < 24:
             x, y, ang, w = stack.pop()
             if w < 0.012 * min(a, b):
@@ -865,7 +924,9 @@ def _place_opacities(
     return opacities, masks, boxes
 
 
-def _render(rng: np.random.Generator, anatomy: _Anatomy, rows: int, cols: int, opacities: Sequence[_Opacity]) -> np.ndarray:
+def _render(
+    rng: np.random.Generator, anatomy: _Anatomy, rows: int, cols: int, opacities: Sequence[_Opacity]
+) -> np.ndarray:
     """The radiograph in presentation values (0 black .. 1 white, MONOCHROME2 sense) at full resolution, float32."""
     ws = min(1.0, WORK_MAX_PX / max(rows, cols))
     shape = (max(8, int(round(rows * ws))), max(8, int(round(cols * ws))))
@@ -1030,20 +1091,20 @@ def make_radiograph(
     stored values of the same picture, and another `bits_stored` the same picture at another depth.
     """
     if rows < 32 or cols < 32:
-        raise ValueError(f"Argument \"rows\"/\"cols\" must be at least 32 pixels, got {rows} x {cols}.")
+        raise ValueError(f'Argument "rows"/"cols" must be at least 32 pixels, got {rows} x {cols}.')
     if not 8 <= bits_stored <= 16:
-        raise ValueError(f"Argument \"bits_stored\" must be 8..16, got {bits_stored}.")
+        raise ValueError(f'Argument "bits_stored" must be 8..16, got {bits_stored}.')
     if photometric_interpretation not in PHOTOMETRIC_INTERPRETATIONS:
         raise ValueError(
-            f"Argument \"photometric_interpretation\" must be one of {PHOTOMETRIC_INTERPRETATIONS}, "
+            f'Argument "photometric_interpretation" must be one of {PHOTOMETRIC_INTERPRETATIONS}, '
             f"got {photometric_interpretation!r}."
         )
     if view_position not in VIEW_POSITIONS:
-        raise ValueError(f"Argument \"view_position\" must be one of {VIEW_POSITIONS}, got {view_position!r}.")
+        raise ValueError(f'Argument "view_position" must be one of {VIEW_POSITIONS}, got {view_position!r}.')
     if n_boxes is not None and not positive and n_boxes != 0:
-        raise ValueError(f"Argument \"n_boxes\" must be 0 or None for a negative image, got {n_boxes}.")
+        raise ValueError(f'Argument "n_boxes" must be 0 or None for a negative image, got {n_boxes}.')
     if n_boxes is not None and positive and not 1 <= n_boxes <= 8:
-        raise ValueError(f"Argument \"n_boxes\" must be 1..8 for a positive image, got {n_boxes}.")
+        raise ValueError(f'Argument "n_boxes" must be 1..8 for a positive image, got {n_boxes}.')
 
     stats = load_box_stats()
     sex = "F" if rng.random() < 0.45 else "M"
@@ -1056,7 +1117,9 @@ def make_radiograph(
         wanted = n_boxes if n_boxes is not None else sample_box_count(rng, stats)
         opacities, masks, boxes = _place_opacities(rng, anatomy, (right, left), wanted, stats)
         if not boxes:
-            raise RuntimeError(f"could not place an opacity in a {rows} x {cols} image; try another seed or a larger size")
+            raise RuntimeError(
+                f"could not place an opacity in a {rows} x {cols} image; try another seed or a larger size"
+            )
     opacity_mask = np.zeros((rows, cols), dtype=bool)
     for mask in masks:
         opacity_mask |= mask
@@ -1139,9 +1202,9 @@ def make_dataset(
     Dates, times and UIDs come from `rng`. Each keyword argument sets that DICOM attribute afterwards (for example
     PatientName="SYNTH^TEST", StudyInstanceUID=...)."""
     if modality not in SOP_CLASS_FOR_MODALITY:
-        raise ValueError(f"Argument \"modality\" must be one of {tuple(SOP_CLASS_FOR_MODALITY)}, got {modality!r}.")
+        raise ValueError(f'Argument "modality" must be one of {tuple(SOP_CLASS_FOR_MODALITY)}, got {modality!r}.')
     if not patient_id:
-        raise ValueError("Argument \"patient_id\" may not be empty.")
+        raise ValueError('Argument "patient_id" may not be empty.')
     unknown = [k for k in header if pydicom.datadict.tag_for_keyword(k) is None]
     if unknown:
         raise ValueError(f"Header keyword(s) {', '.join(unknown)} are not DICOM keywords (e.g. PatientName, StudyID).")
@@ -1355,17 +1418,19 @@ def _check_generate_arguments(
     out: Path, n: int, seed: int, size_range: tuple[int, int], positive_fraction: float
 ) -> None:
     if n < 1:
-        raise ValueError(f"Argument \"n\" must be at least 1, got {n}.")
+        raise ValueError(f'Argument "n" must be at least 1, got {n}.')
     if seed < 0:
-        raise ValueError(f"Argument \"seed\" must be 0 or more, got {seed}.")
+        raise ValueError(f'Argument "seed" must be 0 or more, got {seed}.')
     lo, hi = size_range
     if not 64 <= lo <= hi <= 8192:
-        raise ValueError(f"Argument \"size_range\" must satisfy 64 <= min <= max <= 8192, got {size_range}.")
+        raise ValueError(f'Argument "size_range" must satisfy 64 <= min <= max <= 8192, got {size_range}.')
     if not 0.0 <= positive_fraction <= 1.0:
-        raise ValueError(f"Argument \"positive_fraction\" must be within 0..1, got {positive_fraction}.")
+        raise ValueError(f'Argument "positive_fraction" must be within 0..1, got {positive_fraction}.')
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; give a new folder (or delete this one) so "
-                              "no files of an earlier dataset are left in it")
+        raise FileExistsError(
+            f"{out} exists and is not an empty folder; give a new folder (or delete this one) so "
+            "no files of an earlier dataset are left in it"
+        )
 
 
 def _write_png(mask: np.ndarray, path: Path) -> None:
@@ -1442,8 +1507,15 @@ def generate_dataset(
                 counts["negative_normal" if plan.negative_class == CLASS_NORMAL else "negative_not_normal"] += 1
             severity, extent = lung_involvement(radiograph.opacity_mask, radiograph.right_lung, radiograph.left_lung)
             severities.writerow(
-                [plan.patient_id, f"{severity.right:.6f}", f"{severity.left:.6f}", f"{severity.total:.6f}",
-                 extent.right, extent.left, extent.total]
+                [
+                    plan.patient_id,
+                    f"{severity.right:.6f}",
+                    f"{severity.left:.6f}",
+                    f"{severity.total:.6f}",
+                    extent.right,
+                    extent.left,
+                    extent.total,
+                ]
             )
             counts[f"modality_{plan.modality}"] += 1
             counts[f"view_{plan.view_position}"] += 1
@@ -1475,11 +1547,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("out", metavar="OUT", type=Path, help="new (or empty) folder for the dataset")
     parser.add_argument("--n", type=int, default=100, help="number of images (default 100)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed; the same seed gives identical files (default 0)"
+    )
     parser.add_argument("--min-size", type=int, default=512, help="smallest rows/columns in pixels (default 512)")
     parser.add_argument("--max-size", type=int, default=3000, help="largest rows/columns in pixels (default 3000)")
     parser.add_argument(
-        "--positive-fraction", type=float, default=0.225,
+        "--positive-fraction",
+        type=float,
+        default=0.225,
         help="share of images with opacities (default 0.225, as in RSNA)",
     )
     return parser
@@ -1489,7 +1565,10 @@ def main(args: argparse.Namespace) -> int:
     """Generate the dataset the parsed arguments describe; 0 on success, 2 when an argument is unusable."""
     try:
         generate_dataset(
-            args.out, args.n, args.seed, size_range=(args.min_size, args.max_size),
+            args.out,
+            args.n,
+            args.seed,
+            size_range=(args.min_size, args.max_size),
             positive_fraction=args.positive_fraction,
         )
     except (ValueError, FileExistsError) as error:

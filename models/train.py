@@ -168,6 +168,7 @@ def _collate(batch: list[Any]) -> tuple[list[torch.Tensor], list[dict[str, torch
 
 def split_records(records: list[Record], fraction: float) -> tuple[list[Record], list[Record]]:
     """(train, validation) by a hash of the patientId: stable across runs and dataset sizes."""
+
     def held_out(r: Record) -> bool:
         return int(hashlib.sha256(r.patient_id.encode()).hexdigest()[:8], 16) / 2**32 < fraction
 
@@ -241,8 +242,12 @@ def main(args: argparse.Namespace) -> int:
             "need at least one of each (add images, or pass --val-dataset)"
         )
     config = DetectorConfig(
-        backbone=args.backbone, input_size=args.input_size, anchor_sizes=tuple(args.anchor_sizes),
-        fpn_channels=args.fpn_channels, box_head_size=args.box_head_size, mask_head_channels=args.mask_head_channels,
+        backbone=args.backbone,
+        input_size=args.input_size,
+        anchor_sizes=tuple(args.anchor_sizes),
+        fpn_channels=args.fpn_channels,
+        box_head_size=args.box_head_size,
+        mask_head_channels=args.mask_head_channels,
     )
     cache_dir = args.cache_dir or args.out / "cache"
     log.info("decoding %d training and %d validation images", len(train_records), len(val_records))
@@ -261,8 +266,10 @@ def main(args: argparse.Namespace) -> int:
     if args.resume:
         state = load_checkpoint(args.resume)
         if state.get("config") != config.to_dict():
-            raise SystemExit(f"{args.resume}: checkpoint was made with another network configuration "
-                             f"({state.get('config')}); pass the same --backbone/--input-size/... options")
+            raise SystemExit(
+                f"{args.resume}: checkpoint was made with another network configuration "
+                f"({state.get('config')}); pass the same --backbone/--input-size/... options"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, iteration, best, history = state["epoch"] + 1, state["iteration"], state["best"], state["history"]
@@ -274,8 +281,13 @@ def main(args: argparse.Namespace) -> int:
     for epoch in range(start_epoch, epochs):
         dataset.epoch = epoch
         loader = DataLoader(
-            dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, collate_fn=_collate,
-            generator=torch.Generator().manual_seed(args.seed + epoch), persistent_workers=False,
+            dataset,
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=args.workers,
+            collate_fn=_collate,
+            generator=torch.Generator().manual_seed(args.seed + epoch),
+            persistent_workers=False,
             pin_memory=device.type == "cuda",
         )
 
@@ -288,29 +300,61 @@ def main(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         lr = lr_for_epoch(args.lr_schedule, epoch, lr_scale)
         loss, iteration = train_one_epoch(
-            model, optimizer, loader, step, lr=lr, epoch=epoch, first_iteration=iteration,
-            warmup_iters=args.warmup_iters, max_iters=args.max_iters, scaler=scaler, device=device,
+            model,
+            optimizer,
+            loader,
+            step,
+            lr=lr,
+            epoch=epoch,
+            first_iteration=iteration,
+            warmup_iters=args.warmup_iters,
+            max_iters=args.max_iters,
+            scaler=scaler,
+            device=device,
             progress=not args.no_progress,
         )
         predictions = detect_cached(model, val_items, device, args.batch_size, config.input_size)
         threshold, _ = best_threshold(val_items, predictions)
         scores = detection_scores(val_items, predictions, threshold)
-        record = {"epoch": epoch + 1, "lr": lr, "loss": loss, "threshold": threshold, **scores,
-                  "seconds": round(time.perf_counter() - started, 1)}
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "loss": loss,
+            "threshold": threshold,
+            **scores,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         history.append(record)
         log.info("epoch %d/%d %s", epoch + 1, epochs, json.dumps(record))
         if (scores["rsna_map"] or 0.0) > best["rsna_map"]:
             best = record
             save_network(
-                args.out, "detector", model, config, name=args.name, version=args.version,
-                extra={"thresholds": {"score": threshold, "mask": 0.5, "present": threshold},
-                       "trained": {"dataset": str(args.dataset), "images": len(train_items), "epoch": epoch + 1,
-                                   "validation": {k: v for k, v in record.items() if k != "seconds"}}},
+                args.out,
+                "detector",
+                model,
+                config,
+                name=args.name,
+                version=args.version,
+                extra={
+                    "thresholds": {"score": threshold, "mask": 0.5, "present": threshold},
+                    "trained": {
+                        "dataset": str(args.dataset),
+                        "images": len(train_items),
+                        "epoch": epoch + 1,
+                        "validation": {k: v for k, v in record.items() if k != "seconds"},
+                    },
+                },
             )
         save_checkpoint(
-            checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
-            iteration=iteration, best=best, history=history, config=config.to_dict(), args=vars(args) | {
-                "lr_schedule": [s.__dict__ for s in args.lr_schedule]},
+            checkpoint_path,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            epoch=epoch,
+            iteration=iteration,
+            best=best,
+            history=history,
+            config=config.to_dict(),
+            args=vars(args) | {"lr_schedule": [s.__dict__ for s in args.lr_schedule]},
         )
     set_manifest_fields(args.out, detector={"history": history})
     print(json.dumps({"best": best}, indent=2, default=str))

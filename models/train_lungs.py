@@ -69,12 +69,22 @@ def collect(sources: list[Path]) -> list[LungSample]:
         if (source / LUNG_MASKS).is_dir():
             for record in read_dataset(source):
                 if record.lung_mask is not None:
-                    samples.append(LungSample(record.patient_id, str(source), "", is_holdout(record.patient_id),
-                                              "rsna", record.image, record.lung_mask))
+                    samples.append(
+                        LungSample(
+                            record.patient_id,
+                            str(source),
+                            "",
+                            is_holdout(record.patient_id),
+                            "rsna",
+                            record.image,
+                            record.lung_mask,
+                        )
+                    )
         else:
             for pair in read_pairs(source):
-                samples.append(LungSample(pair.name, str(source), pair.view, is_holdout(pair.name), "pair",
-                                          pair.image, pair.mask))
+                samples.append(
+                    LungSample(pair.name, str(source), pair.view, is_holdout(pair.name), "pair", pair.image, pair.mask)
+                )
     return samples
 
 
@@ -91,7 +101,9 @@ def load_sample(sample: LungSample) -> tuple[np.ndarray, np.ndarray]:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train the lung-field segmenter", add_help=add_help)
-    parser.add_argument("sources", type=Path, nargs="+", help="image/mask pair folders or RSNA folders with lung_masks/")
+    parser.add_argument(
+        "sources", type=Path, nargs="+", help="image/mask pair folders or RSNA folders with lung_masks/"
+    )
     add_training_arguments(parser, schedule=LUNG_SCHEDULE, batch_size=8)
     parser.add_argument("--input-size", type=int, default=256)
     parser.add_argument("--pretrained-backbone", type=Path, help="ImageNet MobileNetV3-Large state dict (a file)")
@@ -114,7 +126,9 @@ class _Decode(Dataset):
         return x, y[0, 0].to(torch.uint8)
 
 
-def decode_all(samples: list[LungSample], size: int, cache_dir: Path, workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def decode_all(
+    samples: list[LungSample], size: int, cache_dir: Path, workers: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     key = hashlib.sha256(
         json.dumps([size] + [(str(s.image), s.image.stat().st_mtime_ns) for s in samples]).encode()
     ).hexdigest()[:16]
@@ -158,7 +172,9 @@ def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def validate(model: torch.nn.Module, items: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> list[float]:
+def validate(
+    model: torch.nn.Module, items: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> list[float]:
     """Per image: the mean of the right-lung and left-lung Dice at network resolution."""
     model.eval()
     scores = []
@@ -214,30 +230,70 @@ def main(args: argparse.Namespace) -> int:
 
     for epoch in range(start_epoch, epochs):
         dataset.epoch = epoch
-        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                            generator=torch.Generator().manual_seed(args.seed + epoch), drop_last=len(dataset) > args.batch_size)
+        loader = DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=args.workers,
+            generator=torch.Generator().manual_seed(args.seed + epoch),
+            drop_last=len(dataset) > args.batch_size,
+        )
         started = time.perf_counter()
         lr = lr_for_epoch(args.lr_schedule, epoch, lr_scale)
         loss, iteration = train_one_epoch(
-            model, optimizer, loader, step, lr=lr, epoch=epoch, first_iteration=iteration,
-            warmup_iters=args.warmup_iters, max_iters=args.max_iters, scaler=scaler, device=device,
+            model,
+            optimizer,
+            loader,
+            step,
+            lr=lr,
+            epoch=epoch,
+            first_iteration=iteration,
+            warmup_iters=args.warmup_iters,
+            max_iters=args.max_iters,
+            scaler=scaler,
+            device=device,
             progress=not args.no_progress,
         )
         per_image = validate(model, val_items, device)
         dice = float(np.mean(per_image))
-        record = {"epoch": epoch + 1, "lr": lr, "loss": loss, "dice": dice,
-                  "seconds": round(time.perf_counter() - started, 1)}
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "loss": loss,
+            "dice": dice,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         history.append(record)
         log.info("epoch %d/%d %s", epoch + 1, epochs, json.dumps(record))
         if not math.isnan(dice) and dice > best["dice"]:
             best = record
             save_network(
-                args.out, "lungs", model, config, name=args.name, version=args.version,
-                extra={"trained": {"sources": [str(s) for s in args.sources], "images": len(train_items),
-                                   "held_out": len(val_items), "epoch": epoch + 1, "validation_dice": dice}},
+                args.out,
+                "lungs",
+                model,
+                config,
+                name=args.name,
+                version=args.version,
+                extra={
+                    "trained": {
+                        "sources": [str(s) for s in args.sources],
+                        "images": len(train_items),
+                        "held_out": len(val_items),
+                        "epoch": epoch + 1,
+                        "validation_dice": dice,
+                    }
+                },
             )
-        save_checkpoint(checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
-                        iteration=iteration, best=best, history=history, config=config.to_dict())
+        save_checkpoint(
+            checkpoint_path,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            epoch=epoch,
+            iteration=iteration,
+            best=best,
+            history=history,
+            config=config.to_dict(),
+        )
     set_manifest_fields(args.out, lungs={"history": history})
     print(json.dumps({"best": best}, indent=2))
     return 0

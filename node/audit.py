@@ -30,8 +30,11 @@ class AuditLog:
 
     def record(self, event: str, **fields: Any) -> None:
         """Append one event. O_APPEND makes each line land whole even with several writers (the CLI included)."""
-        entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
-                 "event": event, **fields}
+        entry = {
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            "event": event,
+            **fields,
+        }
         line = (json.dumps(entry, default=str, ensure_ascii=False) + "\n").encode()
         with self._lock:
             try:

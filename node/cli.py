@@ -1,11 +1,11 @@
 """The `cxrnode` command: parses its arguments, then calls one function per subcommand.
 
-    cxrnode serve            run the node (Storage SCP → queue → inference → SEG/SR → C-STORE)
-    cxrnode echo / send      C-ECHO / C-STORE to any DICOM peer
-    cxrnode config check     validate a configuration file
-    cxrnode jobs / resend    look at the queue; send dead jobs again
-    cxrnode predict          offline: the same SEG/SR the node would send, and an overlay picture
-    cxrnode synth / train / train-lungs / evaluate   the models' tools (models/)
+cxrnode serve            run the node (Storage SCP → queue → inference → SEG/SR → C-STORE)
+cxrnode echo / send      C-ECHO / C-STORE to any DICOM peer
+cxrnode config check     validate a configuration file
+cxrnode jobs / resend    look at the queue; send dead jobs again
+cxrnode predict          offline: the same SEG/SR the node would send, and an overlay picture
+cxrnode synth / train / train-lungs / evaluate   the models' tools (models/)
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ EXIT_USAGE = 2
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML configuration file (default: $CXRNODE_CONFIG or built-in defaults)")
+    parser.add_argument(
+        "--config", type=Path, help="TOML configuration file (default: $CXRNODE_CONFIG or built-in defaults)"
+    )
     parser.add_argument("--data-dir", type=Path, help="where the spool, queue and results live")
 
 
@@ -47,12 +49,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {
         "node.data_dir": str(args.data_dir) if args.data_dir else None,
-        "node.ae_title": args.ae_title, "node.host": args.host, "node.port": args.port,
-        "inference.weights": str(args.weights) if args.weights else None, "inference.device": args.device,
+        "node.ae_title": args.ae_title,
+        "node.host": args.host,
+        "node.port": args.port,
+        "inference.weights": str(args.weights) if args.weights else None,
+        "inference.device": args.device,
         "http.port": args.http_port,
     }
-    return serve(args.config, overrides, destinations=args.destination or [],
-                 allowed_calling_aes=args.allow_calling_ae or [])
+    return serve(
+        args.config, overrides, destinations=args.destination or [], allowed_calling_aes=args.allow_calling_ae or []
+    )
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -149,14 +155,21 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def _job_dict(job: Any) -> dict[str, Any]:
     return {
-        "id": job.id, "state": job.state.value, "sop_instance_uid": job.sop_instance_uid,
-        "study_instance_uid": job.study_instance_uid, "sop_class_uid": job.sop_class_uid,
-        "calling_ae": job.calling_ae, "peer_address": job.peer_address, "attempts": job.attempts,
+        "id": job.id,
+        "state": job.state.value,
+        "sop_instance_uid": job.sop_instance_uid,
+        "study_instance_uid": job.study_instance_uid,
+        "sop_class_uid": job.sop_class_uid,
+        "calling_ae": job.calling_ae,
+        "peer_address": job.peer_address,
+        "attempts": job.attempts,
         "received_at": datetime.datetime.fromtimestamp(job.received_at).isoformat(timespec="seconds"),
         "received_at_unix": round(job.received_at, 3),
         "updated_at": datetime.datetime.fromtimestamp(job.updated_at).isoformat(timespec="seconds"),
-        "delivered": list(job.delivered), "error": job.error,
-        "results": [r.__dict__ for r in job.results], "timings": job.timings,
+        "delivered": list(job.delivered),
+        "error": job.error,
+        "results": [r.__dict__ for r in job.results],
+        "timings": job.timings,
     }
 
 
@@ -172,15 +185,20 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     finally:
         queue.close()
     if args.json:
-        print(json.dumps({"counts": {k.value: v for k, v in counts.items()},
-                          "jobs": [_job_dict(j) for j in jobs]}, indent=2))
+        print(
+            json.dumps(
+                {"counts": {k.value: v for k, v in counts.items()}, "jobs": [_job_dict(j) for j in jobs]}, indent=2
+            )
+        )
         return 0
     print("  ".join(f"{state.value}={n}" for state, n in counts.items()))
     print(f"{'id':>6}  {'state':<9}  {'received':<19}  {'calling AE':<16}  {'tries':>5}  SOP Instance UID / error")
     for job in jobs:
         received = datetime.datetime.fromtimestamp(job.received_at).isoformat(sep=" ", timespec="seconds")
-        print(f"{job.id:>6}  {job.state.value:<9}  {received:<19}  {job.calling_ae:<16}  {job.attempts:>5}  "
-              f"{job.sop_instance_uid}")
+        print(
+            f"{job.id:>6}  {job.state.value:<9}  {received:<19}  {job.calling_ae:<16}  {job.attempts:>5}  "
+            f"{job.sop_instance_uid}"
+        )
         if job.error:
             print(f"{'':>6}  {'':<9}  {'':<19}  {'':<16}  {'':>5}  ! {job.error}")
     return 0
@@ -200,8 +218,9 @@ def cmd_resend(args: argparse.Namespace) -> int:
     finally:
         queue.close()
     audit = AuditLog(settings.node.data_dir)
-    audit.record("admin", action="resend", requested=args.jobs or "--failed",
-                 jobs={job.id: job.state.value for job in revived})
+    audit.record(
+        "admin", action="resend", requested=args.jobs or "--failed", jobs={job.id: job.state.value for job in revived}
+    )
     for job in revived:
         log.info("resend: job=%d sop=%s back to %s", job.id, job.sop_instance_uid, job.state.value)
         print(f"job {job.id}: {job.state.value}")
@@ -244,12 +263,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
             render_overlay(pixels, finding).save(target)
             written.append(str(target))
         summary = {
-            "file": str(path), "opacity_present": finding.opacity_present,
+            "file": str(path),
+            "opacity_present": finding.opacity_present,
             "opacity_probability": round(finding.opacity_probability, 4),
             "boxes": [[round(v, 1) for v in o.box] + [round(o.score, 3)] for o in finding.opacities],
-            "severity_percent": {"right": round(finding.severity.right, 2), "left": round(finding.severity.left, 2),
-                                 "total": round(finding.severity.total, 2)},
-            "extent_score": finding.extent.__dict__, "written": written,
+            "severity_percent": {
+                "right": round(finding.severity.right, 2),
+                "left": round(finding.severity.left, 2),
+                "total": round(finding.severity.total, 2),
+            },
+            "extent_score": finding.extent.__dict__,
+            "written": written,
         }
         print(json.dumps(summary))
     return status
@@ -261,7 +285,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from models import evaluate, synth, train, train_lungs
 
-    parser = argparse.ArgumentParser(prog="cxrnode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="cxrnode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -270,8 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ae-title", help="our AE title (default CXRNODE)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 11112)")
-    serve.add_argument("--destination", action="append", metavar="AE@HOST:PORT",
-                       help="send results here (repeatable); replaces the configured default route")
+    serve.add_argument(
+        "--destination",
+        action="append",
+        metavar="AE@HOST:PORT",
+        help="send results here (repeatable); replaces the configured default route",
+    )
     serve.add_argument("--allow-calling-ae", nargs="+", metavar="AE", help="accept associations only from these AEs")
     serve.add_argument("--weights", type=Path, help="weights folder (default: the demo weights)")
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N")
@@ -299,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = commands.add_parser("jobs", help="list the queue's jobs")
     _config_arguments(jobs)
-    jobs.add_argument("--state", choices=["received", "inferring", "writing", "sending", "done", "skipped",
-                                          "failed", "dead"])
+    jobs.add_argument(
+        "--state", choices=["received", "inferring", "writing", "sending", "done", "skipped", "failed", "dead"]
+    )
     jobs.add_argument("--limit", type=int, default=50)
     jobs.add_argument("--json", action="store_true")
     jobs.set_defaults(func=cmd_jobs)
@@ -315,8 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("files", type=Path, nargs="+", metavar="FILE")
     predict.add_argument("--out", type=Path, required=True)
     predict.add_argument("--png", action="store_true", help="also write an overlay picture per image")
-    predict.add_argument("--objects", nargs="+", default=["SEG", "SR", "GSPS"], choices=["SEG", "SR", "GSPS", "SC"],
-                         help="result objects to write (default SEG SR GSPS)")
+    predict.add_argument(
+        "--objects",
+        nargs="+",
+        default=["SEG", "SR", "GSPS"],
+        choices=["SEG", "SR", "GSPS", "SC"],
+        help="result objects to write (default SEG SR GSPS)",
+    )
     predict.add_argument("--weights", type=Path)
     predict.add_argument("--device", default="auto")
     predict.set_defaults(func=cmd_predict)
@@ -336,8 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "serve":
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     try:
         return int(args.func(args) or 0)
     except ConfigError as error:

@@ -138,9 +138,7 @@ def _check_host(value: str) -> str:
 
 def _check_peer_name(value: str) -> str:
     if not _PEER_NAME.match(value):
-        raise ValueError(
-            f"a peer name is 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-' (got {value!r})"
-        )
+        raise ValueError(f"a peer name is 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-' (got {value!r})")
     return value
 
 
@@ -148,7 +146,9 @@ def _check_code_string(value: str) -> str:
     """Modality, Body Part Examined, View Position: code strings, compared upper-case."""
     normalized = value.strip().upper()
     if not _CODE_STRING.match(normalized):
-        raise ValueError(f"expected a DICOM code string (up to 16 of A-Z, 0-9, space, '_') or \"\" for empty (got {value!r})")
+        raise ValueError(
+            f"expected a DICOM code string (up to 16 of A-Z, 0-9, space, '_') or \"\" for empty (got {value!r})"
+        )
     return normalized
 
 
@@ -198,6 +198,8 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 PeerName = Annotated[str, AfterValidator(_check_peer_name)]
 CodeString = Annotated[str, AfterValidator(_check_code_string)]
 SOPClassUID = Annotated[str, AfterValidator(storage_sop_class_uid)]
+
+
 def _check_network(value: str) -> str:
     try:
         return str(ipaddress.ip_network(value.strip(), strict=False))
@@ -238,7 +240,13 @@ def parse_address(text: str) -> Address:
 
     def bad(why: str) -> ConfigError:
         return ConfigError(
-            [Problem("address", repr(text), f"{why}; expected AE@HOST:PORT, e.g. PACS@pacs.example.org:104 or PACS@[::1]:104")]
+            [
+                Problem(
+                    "address",
+                    repr(text),
+                    f"{why}; expected AE@HOST:PORT, e.g. PACS@pacs.example.org:104 or PACS@[::1]:104",
+                )
+            ]
         )
 
     ae, at, rest = text.strip().rpartition("@")
@@ -345,8 +353,10 @@ class HTTPSettings(_Section):
         except ValueError:
             loopback = self.host == "localhost"
         if self.port and not loopback and not self.token:
-            raise ValueError(f"http.host {self.host} is reachable from other machines: set http.token too "
-                             "(the status page shows patient-free but private operational data)")
+            raise ValueError(
+                f"http.host {self.host} is reachable from other machines: set http.token too "
+                "(the status page shows patient-free but private operational data)"
+            )
         return self
 
 
@@ -477,7 +487,12 @@ class Settings(BaseModel):
         names: dict[str, int] = {}
         for i, peer in enumerate(self.peers):
             if peer.name in names:
-                problems.append((("peers", i, "name"), f"peer name {peer.name!r} is already used by peers[{names[peer.name]}]; names must be unique"))
+                problems.append(
+                    (
+                        ("peers", i, "name"),
+                        f"peer name {peer.name!r} is already used by peers[{names[peer.name]}]; names must be unique",
+                    )
+                )
             names.setdefault(peer.name, i)
         senders: dict[str, int] = {}
         for i, peer in enumerate(self.peers):
@@ -515,7 +530,9 @@ class Settings(BaseModel):
                 )
             rule_for.setdefault(rule.calling_ae, i)
         if problems:
-            raise PydanticCustomError("cross_check", "{count} cross-check problems", {"count": len(problems), "problems": problems})
+            raise PydanticCustomError(
+                "cross_check", "{count} cross-check problems", {"count": len(problems), "problems": problems}
+            )
         return self
 
     @model_validator(mode="before")
@@ -620,7 +637,7 @@ def load_settings(
     if path is not None:
         default_source = str(path)
         data = _read_toml(Path(path))
-        for section, value in data.items():
+        for section in data:
             sources[(section,)] = default_source
         _resolve_file_paths(data, Path(path))
 
@@ -628,9 +645,11 @@ def load_settings(
         if not name.startswith(ENV_PREFIX) or name in ENV_NOT_SETTINGS:
             continue
         label = f"environment {name}"
-        section, sep, key = name[len(ENV_PREFIX):].lower().partition("__")
-        where = _settable(section, key) if sep else (
-            f"not a setting; use {ENV_PREFIX}<SECTION>__<KEY> (e.g. CXRNODE_NODE__PORT) or {ENV_CONFIG}"
+        section, sep, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        where = (
+            _settable(section, key)
+            if sep
+            else (f"not a setting; use {ENV_PREFIX}<SECTION>__<KEY> (e.g. CXRNODE_NODE__PORT) or {ENV_CONFIG}")
         )
         if where:
             problems.append(Problem(label, "", where))
@@ -673,12 +692,20 @@ def _read_toml(path: Path) -> dict[str, Any]:
         text = path.read_bytes()
     except OSError as error:
         raise ConfigError(
-            [Problem(str(path), "", f"cannot read the config file: {error.strerror or error}; give an existing TOML file (or unset {ENV_CONFIG})")]
+            [
+                Problem(
+                    str(path),
+                    "",
+                    f"cannot read the config file: {error.strerror or error}; give an existing TOML file (or unset {ENV_CONFIG})",
+                )
+            ]
         ) from None
     try:
         return tomllib.loads(text.decode("utf-8"))
     except UnicodeDecodeError as error:
-        raise ConfigError([Problem(str(path), "", f"not UTF-8 text (byte {error.start}); save the file as UTF-8")]) from None
+        raise ConfigError(
+            [Problem(str(path), "", f"not UTF-8 text (byte {error.start}); save the file as UTF-8")]
+        ) from None
     except tomllib.TOMLDecodeError as error:
         message = str(error)
         where = re.search(r"\(at line (\d+), column (\d+)\)$", message)
@@ -693,8 +720,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _resolve_file_paths(data: dict[str, Any], path: Path) -> None:
     """Relative paths written in a file are relative to the file's folder."""
     folder = Path(os.path.abspath(path)).parent
-    for section, key in (("node", "data_dir"), ("inference", "weights"), ("tls", "certificate"),
-                         ("tls", "private_key"), ("tls", "ca_certificates")):
+    for section, key in (
+        ("node", "data_dir"),
+        ("inference", "weights"),
+        ("tls", "certificate"),
+        ("tls", "private_key"),
+        ("tls", "ca_certificates"),
+    ):
         table = data.get(section)
         if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]:
             given = Path(table[key]).expanduser()
@@ -719,7 +751,10 @@ def _from_text(section: str, key: str, text: str) -> Any:
     """An environment/command-line string -> what the field wants (pydantic coerces the scalars)."""
     annotation = _SECTIONS[section].model_fields[key].annotation
     is_list = typing.get_origin(annotation) is list
-    is_optional = type(None) in typing.get_args(annotation) and typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    is_optional = type(None) in typing.get_args(annotation) and typing.get_origin(annotation) in (
+        typing.Union,
+        types.UnionType,
+    )
     stripped = text.strip()
     if is_list:
         if not stripped:
@@ -735,7 +770,9 @@ def _from_text(section: str, key: str, text: str) -> Any:
     return text
 
 
-def _set(data: dict[str, Any], sources: dict[tuple[str, ...], str], section: str, key: str, value: Any, label: str) -> None:
+def _set(
+    data: dict[str, Any], sources: dict[tuple[str, ...], str], section: str, key: str, value: Any, label: str
+) -> None:
     table = data.setdefault(section, {})
     if not isinstance(table, dict):  # e.g. "node = 1" in the file: let validation report the file's error
         return
@@ -807,7 +844,12 @@ def describe(settings: Settings) -> str:
     allowed = settings.allowed_calling_aes()
     lines = [
         f"node       {node.ae_title} listening on {node.host}:{node.port}, data in {node.data_dir}",
-        "accepts    " + ("any calling AE (no peer has may_send = true)" if allowed is None else "calling AEs " + ", ".join(sorted(allowed))),
+        "accepts    "
+        + (
+            "any calling AE (no peer has may_send = true)"
+            if allowed is None
+            else "calling AEs " + ", ".join(sorted(allowed))
+        ),
     ]
     routed = set(settings.routing.default).union(*(r.destinations for r in settings.routing.rules))
     for peer in settings.peers:
@@ -859,12 +901,21 @@ def with_command_line_peers(
     for index, text in enumerate(destinations, start=1):
         address = parse_address(text)
         name = f"destination-{index}"
-        data["peers"].append({"name": name, "ae_title": address.ae_title, "host": address.host,
-                              "port": address.port, "may_send": False})
+        data["peers"].append(
+            {"name": name, "ae_title": address.ae_title, "host": address.host, "port": address.port, "may_send": False}
+        )
         names.append(name)
     if names:
         data["routing"]["default"] = names
     for index, ae_title in enumerate(allowed_calling_aes, start=1):
-        data["peers"].append({"name": f"allowed-{index}", "ae_title": ae_title, "host": "0.0.0.0", "port": 104,
-                              "may_send": True, "description": "--allow-calling-ae"})
+        data["peers"].append(
+            {
+                "name": f"allowed-{index}",
+                "ae_title": ae_title,
+                "host": "0.0.0.0",
+                "port": 104,
+                "may_send": True,
+                "description": "--allow-calling-ae",
+            }
+        )
     return Settings.model_validate(data)

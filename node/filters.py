@@ -30,8 +30,10 @@ def reason_to_skip(ds: Dataset, sop_class_uid: str, filters: Filters) -> str | N
     view = _text(ds, "ViewPosition")
     if view not in {v.upper() for v in filters.view_positions}:
         return f"View Position {view or '(empty)'} is not a frontal view ({', '.join(v or '(empty)' for v in filters.view_positions)})"
-    if _text(ds, "PresentationIntentType") == "FOR PROCESSING" and "DX" in modality and not any(
-        uid.endswith(".1.1.1.1.1") for uid in filters.sop_classes
+    if (
+        _text(ds, "PresentationIntentType") == "FOR PROCESSING"
+        and "DX" in modality
+        and not any(uid.endswith(".1.1.1.1.1") for uid in filters.sop_classes)
     ):
         return "DX For Processing images are not analysed"
     return None

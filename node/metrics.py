@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from node.queue import UNFINISHED, JobState, Queue
+from node.queue import JobState, Queue
 
 
 class QueueCollector(Collector):
@@ -29,8 +29,10 @@ class QueueCollector(Collector):
             depth.add_metric([state.value], counts.get(state, 0))
         yield depth
         oldest = self.queue.oldest_unfinished()
-        age = GaugeMetricFamily("cxrnode_oldest_job_age_seconds",
-                                "Age of the oldest job not yet done, skipped, failed or dead (0 when none)")
+        age = GaugeMetricFamily(
+            "cxrnode_oldest_job_age_seconds",
+            "Age of the oldest job not yet done, skipped, failed or dead (0 when none)",
+        )
         age.add_metric([], max(0.0, time.time() - oldest) if oldest is not None else 0.0)
         yield age
 
@@ -41,20 +43,28 @@ class Metrics:
         r = self.registry
         self.received = Counter("cxrnode_images_received", "Objects acknowledged for analysis", registry=r)
         self.skipped = Counter("cxrnode_images_skipped", "Objects acknowledged but outside the filters", registry=r)
-        self.refused = Counter("cxrnode_images_refused", "C-STOREs answered with a failure status",
-                               ["status"], registry=r)
+        self.refused = Counter(
+            "cxrnode_images_refused", "C-STOREs answered with a failure status", ["status"], registry=r
+        )
         self.processed = Counter("cxrnode_images_processed", "Images analysed and their results written", registry=r)
         self.failed = Counter("cxrnode_images_failed", "Images that could not be analysed", registry=r)
         self.dead = Counter("cxrnode_jobs_dead", "Jobs whose delivery gave up after max_attempts", registry=r)
         self.inference_seconds = Histogram(
-            "cxrnode_inference_seconds", "Time per Predictor call (a whole batch)", registry=r,
+            "cxrnode_inference_seconds",
+            "Time per Predictor call (a whole batch)",
+            registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
         )
-        self.batch_size = Histogram("cxrnode_inference_batch_size", "Images per Predictor call", registry=r,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.send_seconds = Histogram("cxrnode_send_seconds", "Time to deliver one job's results to a destination",
-                                      ["destination"], registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
-        self.send_failures = Counter("cxrnode_send_failures", "Failed delivery attempts", ["destination"],
-                                     registry=r)
+        self.batch_size = Histogram(
+            "cxrnode_inference_batch_size", "Images per Predictor call", registry=r, buckets=(1, 2, 4, 8, 16, 32, 64)
+        )
+        self.send_seconds = Histogram(
+            "cxrnode_send_seconds",
+            "Time to deliver one job's results to a destination",
+            ["destination"],
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+        )
+        self.send_failures = Counter("cxrnode_send_failures", "Failed delivery attempts", ["destination"], registry=r)
         if queue is not None:
             r.register(QueueCollector(queue))

@@ -34,7 +34,10 @@ def encode(ds: Dataset) -> bytes:
 
 
 def build_results(
-    source: Dataset, finding: Finding, objects: Sequence[str], content_datetime: datetime.datetime,
+    source: Dataset,
+    finding: Finding,
+    objects: Sequence[str],
+    content_datetime: datetime.datetime,
     pixels: np.ndarray | None = None,
 ) -> list[tuple[str, Dataset]]:
     """(kind, dataset) for each requested object, SEG first so that the SR can reference it. The burned-in SC needs
@@ -59,7 +62,11 @@ def build_results(
 
 
 def write_results(
-    source: Dataset, finding: Finding, objects: Sequence[str], spool: Spool, content_datetime: datetime.datetime,
+    source: Dataset,
+    finding: Finding,
+    objects: Sequence[str],
+    spool: Spool,
+    content_datetime: datetime.datetime,
     pixels: np.ndarray | None = None,
 ) -> list[ResultObject]:
     results = []

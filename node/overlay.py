@@ -40,8 +40,11 @@ def render_overlay(pixels: np.ndarray, finding: Finding, max_side: int = 1024) -
     opacity = small(finding.opacity_mask)
     rgb[opacity] = 0.6 * rgb[opacity] + 0.4 * np.array(OPACITY_COLOUR)
     width = max(1, round(2 * max(size) / 1024))
-    for mask, colour in ((finding.right_lung, RIGHT_LUNG_COLOUR), (finding.left_lung, LEFT_LUNG_COLOUR),
-                         (finding.opacity_mask, OPACITY_COLOUR)):
+    for mask, colour in (
+        (finding.right_lung, RIGHT_LUNG_COLOUR),
+        (finding.left_lung, LEFT_LUNG_COLOUR),
+        (finding.opacity_mask, OPACITY_COLOUR),
+    ):
         rgb[outline(small(mask), width)] = colour
     picture = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(picture)

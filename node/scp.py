@@ -105,8 +105,14 @@ class Receiver:
 
 
 def admission_refusal(
-    settings: Settings, calling_ae: str, called_ae: str, address: str, active_from_caller: int,
-    low_on_disk: str | None, stopping: bool, active_total: int = 0,
+    settings: Settings,
+    calling_ae: str,
+    called_ae: str,
+    address: str,
+    active_from_caller: int,
+    low_on_disk: str | None,
+    stopping: bool,
+    active_total: int = 0,
 ) -> Refusal | None:
     """None to go on with the association, else the A-ASSOCIATE-RJ to send and why."""
     if called_ae.strip() != settings.node.ae_title:
@@ -115,21 +121,29 @@ def admission_refusal(
     peer = settings.peer_by_ae(calling_ae)
     if allowed is not None:
         if calling_ae.strip() not in allowed or peer is None:
-            return Refusal(*CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling_ae.strip()!r} is not an allowed peer")
+            return Refusal(
+                *CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling_ae.strip()!r} is not an allowed peer"
+            )
         if peer.addresses and not any(
             ipaddress.ip_address(address) in ipaddress.ip_network(network) for network in peer.addresses
         ):
-            return Refusal(*CALLING_AE_NOT_RECOGNISED,
-                           f"peer {peer.name} ({calling_ae.strip()}) may not call from {address}")
+            return Refusal(
+                *CALLING_AE_NOT_RECOGNISED, f"peer {peer.name} ({calling_ae.strip()}) may not call from {address}"
+            )
     if stopping:
         return Refusal(*TEMPORARY_CONGESTION, "the node is shutting down")
     if active_total >= settings.node.max_associations:
-        return Refusal(*LOCAL_LIMIT_EXCEEDED, f"{active_total} associations open, the limit is "
-                       f"{settings.node.max_associations}")
-    limit = (peer.max_associations if peer and peer.max_associations else None) or settings.node.max_associations_per_peer
+        return Refusal(
+            *LOCAL_LIMIT_EXCEEDED, f"{active_total} associations open, the limit is {settings.node.max_associations}"
+        )
+    limit = (
+        peer.max_associations if peer and peer.max_associations else None
+    ) or settings.node.max_associations_per_peer
     if active_from_caller >= limit:
-        return Refusal(*LOCAL_LIMIT_EXCEEDED,
-                       f"{calling_ae.strip()} already holds {active_from_caller} association(s), its limit is {limit}")
+        return Refusal(
+            *LOCAL_LIMIT_EXCEEDED,
+            f"{calling_ae.strip()} already holds {active_from_caller} association(s), its limit is {limit}",
+        )
     if low_on_disk:
         return Refusal(*TEMPORARY_CONGESTION, low_on_disk)
     return None
@@ -145,32 +159,61 @@ def handle_requested(event: Event, receiver: Receiver) -> None:
     # or garbage) holds no slot, and is closed by the ACSE timeout.
     established = [a for a in assoc.ae.active_associations if a is not assoc and a.is_acceptor and a.is_established]
     from_caller = sum(1 for other in established if other.requestor.ae_title == calling)
-    refusal = admission_refusal(receiver.settings(), calling, called, assoc.requestor.address, from_caller,
-                                receiver.low_on_disk(), receiver.stopping.is_set(), active_total=len(established))
+    refusal = admission_refusal(
+        receiver.settings(),
+        calling,
+        called,
+        assoc.requestor.address,
+        from_caller,
+        receiver.low_on_disk(),
+        receiver.stopping.is_set(),
+        active_total=len(established),
+    )
     if refusal is None:
         return
-    log.warning("association rejected from %s@%s:%s: %s", calling, assoc.requestor.address, assoc.requestor.port,
-                refusal.why)
-    receiver.audit.record("association", outcome="rejected", reason=refusal.why, calling_ae=calling,
-                          called_ae=called, address=assoc.requestor.address,
-                          rejection=f"{refusal.result}/{refusal.source}/{refusal.diagnostic}")
+    log.warning(
+        "association rejected from %s@%s:%s: %s", calling, assoc.requestor.address, assoc.requestor.port, refusal.why
+    )
+    receiver.audit.record(
+        "association",
+        outcome="rejected",
+        reason=refusal.why,
+        calling_ae=calling,
+        called_ae=called,
+        address=assoc.requestor.address,
+        rejection=f"{refusal.result}/{refusal.source}/{refusal.diagnostic}",
+    )
     assoc.acse.send_reject(refusal.result, refusal.source, refusal.diagnostic)
     assoc.kill()  # as pynetdicom does after its own rejections: the A-ASSOCIATE-RJ goes out before the socket closes
 
 
 def _log_accepted(event: Event, receiver: Receiver) -> None:
     log.info("association accepted from %s", _peer(event))
-    receiver.audit.record("association", outcome="accepted", calling_ae=event.assoc.requestor.ae_title,
-                          called_ae=event.assoc.acceptor.ae_title, address=event.assoc.requestor.address)
+    receiver.audit.record(
+        "association",
+        outcome="accepted",
+        calling_ae=event.assoc.requestor.ae_title,
+        called_ae=event.assoc.acceptor.ae_title,
+        address=event.assoc.requestor.address,
+    )
 
 
 def _log_rejected(event: Event, receiver: Receiver) -> None:
     """Rejections pynetdicom makes itself after our admission (e.g. the node-wide association limit)."""
     requestor = event.assoc.requestor
-    log.warning("association rejected from %s@%s:%s by the DICOM stack (e.g. max_associations reached)",
-                requestor.ae_title, requestor.address, requestor.port)
-    receiver.audit.record("association", outcome="rejected", reason="node-wide association limit or negotiation",
-                          calling_ae=requestor.ae_title, address=requestor.address)
+    log.warning(
+        "association rejected from %s@%s:%s by the DICOM stack (e.g. max_associations reached)",
+        requestor.ae_title,
+        requestor.address,
+        requestor.port,
+    )
+    receiver.audit.record(
+        "association",
+        outcome="rejected",
+        reason="node-wide association limit or negotiation",
+        calling_ae=requestor.ae_title,
+        address=requestor.address,
+    )
 
 
 # -- C-ECHO and C-STORE -----------------------------------------------------------------------------------------------
@@ -183,6 +226,7 @@ def handle_echo(event: Event) -> int:
 
 def decoded_size(header: Dataset) -> int:
     """Bytes the pixel data would take decoded (one byte per 1-bit sample), from the header alone."""
+
     def number(keyword: str, default: int) -> int:
         try:
             return max(0, int(header.get(keyword, default) or default))
@@ -190,8 +234,13 @@ def decoded_size(header: Dataset) -> int:
             return default
 
     bits = number("BitsAllocated", 16)
-    return (number("Rows", 0) * number("Columns", 0) * number("NumberOfFrames", 1) * number("SamplesPerPixel", 1)
-            * max(1, bits // 8))
+    return (
+        number("Rows", 0)
+        * number("Columns", 0)
+        * number("NumberOfFrames", 1)
+        * number("SamplesPerPixel", 1)
+        * max(1, bits // 8)
+    )
 
 
 def integrity_problem(ds: Dataset, sop_class: str, sop_instance: str) -> str | None:
@@ -221,8 +270,14 @@ def integrity_problem(ds: Dataset, sop_class: str, sop_instance: str) -> str | N
 def _refuse(receiver: Receiver, peer: str, sop_instance: str, status: int, why: str) -> Dataset:
     log.warning("C-STORE from %s sop=%s refused (0x%04X): %s", peer, sop_instance, status, why)
     receiver.metrics.refused.labels(status=f"0x{status:04X}").inc()
-    receiver.audit.record("instance", outcome="refused", status=f"0x{status:04X}", peer=peer,
-                          sop_instance_uid=sop_instance, reason=why[:300])
+    receiver.audit.record(
+        "instance",
+        outcome="refused",
+        status=f"0x{status:04X}",
+        peer=peer,
+        sop_instance_uid=sop_instance,
+        reason=why[:300],
+    )
     return status_dataset(status, why)
 
 
@@ -241,12 +296,22 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
         return _refuse(receiver, peer, sop_instance, CANNOT_UNDERSTAND, f"cannot parse data set: {error}")
     crash_point("received")
     if len(data) > settings.node.max_object_mb * 1e6:
-        return _refuse(receiver, peer, sop_instance, OUT_OF_RESOURCES,
-                       f"object is {len(data) / 1e6:.0f} MB, above max_object_mb {settings.node.max_object_mb:g}")
+        return _refuse(
+            receiver,
+            peer,
+            sop_instance,
+            OUT_OF_RESOURCES,
+            f"object is {len(data) / 1e6:.0f} MB, above max_object_mb {settings.node.max_object_mb:g}",
+        )
     if decoded_size(header) > settings.node.max_decoded_mb * 1e6:
-        return _refuse(receiver, peer, sop_instance, OUT_OF_RESOURCES,
-                       f"image would decode to {decoded_size(header) / 1e6:.0f} MB, above max_decoded_mb "
-                       f"{settings.node.max_decoded_mb:g}")
+        return _refuse(
+            receiver,
+            peer,
+            sop_instance,
+            OUT_OF_RESOURCES,
+            f"image would decode to {decoded_size(header) / 1e6:.0f} MB, above max_decoded_mb "
+            f"{settings.node.max_decoded_mb:g}",
+        )
     problem = integrity_problem(header, sop_class, sop_instance)
     if problem:
         return _refuse(receiver, peer, sop_instance, CANNOT_UNDERSTAND, problem)
@@ -272,10 +337,21 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
     try:
         existing = receiver.queue.find(sop_instance)
         if existing is not None:
-            log.info("C-STORE from %s sop=%s: already job=%d (%s), acknowledged again",
-                     peer, sop_instance, existing.id, existing.state)
-            receiver.audit.record("instance", outcome="duplicate", peer=peer, job=existing.id,
-                                  sop_instance_uid=sop_instance, study_instance_uid=new_job.study_instance_uid)
+            log.info(
+                "C-STORE from %s sop=%s: already job=%d (%s), acknowledged again",
+                peer,
+                sop_instance,
+                existing.id,
+                existing.state,
+            )
+            receiver.audit.record(
+                "instance",
+                outcome="duplicate",
+                peer=peer,
+                job=existing.id,
+                sop_instance_uid=sop_instance,
+                study_instance_uid=new_job.study_instance_uid,
+            )
             return SUCCESS
         if reason is None:
             stored = receiver.spool.store_object(sop_instance, data)
@@ -290,17 +366,30 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
         log.info("C-STORE from %s sop=%s: duplicate of job=%d", peer, sop_instance, job_id)
         return SUCCESS
     receiver.audit.record(
-        "instance", outcome="skipped" if reason else "received", peer=peer, job=job_id, reason=reason,
-        sop_instance_uid=sop_instance, sop_class_uid=sop_class, study_instance_uid=new_job.study_instance_uid,
-        series_instance_uid=new_job.series_instance_uid, transfer_syntax_uid=transfer_syntax,
+        "instance",
+        outcome="skipped" if reason else "received",
+        peer=peer,
+        job=job_id,
+        reason=reason,
+        sop_instance_uid=sop_instance,
+        sop_class_uid=sop_class,
+        study_instance_uid=new_job.study_instance_uid,
+        series_instance_uid=new_job.series_instance_uid,
+        transfer_syntax_uid=transfer_syntax,
     )
     if reason:
         receiver.metrics.skipped.inc()
         log.info("C-STORE from %s sop=%s job=%d skipped: %s", peer, sop_instance, job_id, reason)
     else:
         receiver.metrics.received.inc()
-        log.info("C-STORE from %s sop=%s job=%d received (%s, %s)", peer, sop_instance, job_id,
-                 UID(sop_class).name, UID(transfer_syntax).name)
+        log.info(
+            "C-STORE from %s sop=%s job=%d received (%s, %s)",
+            peer,
+            sop_instance,
+            job_id,
+            UID(sop_class).name,
+            UID(transfer_syntax).name,
+        )
         receiver.wake_worker.set()
     return SUCCESS
 
@@ -354,8 +443,14 @@ def start_server(ae: AE, settings: Settings, receiver: Receiver) -> ThreadedAsso
         (evt.EVT_REJECTED, _log_rejected, [receiver]),
     ]
     context = server_tls_context(settings.tls) if settings.tls.enabled else None
-    server = ae.start_server((settings.node.host, settings.node.port), block=False, evt_handlers=handlers,
-                             ssl_context=context)
-    log.info("listening as %s on %s:%d%s", settings.node.ae_title, settings.node.host, settings.node.port,
-             " (DICOM TLS)" if context else "")
+    server = ae.start_server(
+        (settings.node.host, settings.node.port), block=False, evt_handlers=handlers, ssl_context=context
+    )
+    log.info(
+        "listening as %s on %s:%d%s",
+        settings.node.ae_title,
+        settings.node.host,
+        settings.node.port,
+        " (DICOM TLS)" if context else "",
+    )
     return server

@@ -58,7 +58,12 @@ def client_tls_context(tls: TLSSettings) -> ssl.SSLContext:
 
 
 def store(
-    peer: Peer, paths: Sequence[Path], *, calling_ae: str, timeout: float, sop_classes: Sequence[str],
+    peer: Peer,
+    paths: Sequence[Path],
+    *,
+    calling_ae: str,
+    timeout: float,
+    sop_classes: Sequence[str],
     tls: ssl.SSLContext | None = None,
 ) -> None:
     """Send `paths` to `peer` in one association, proposing exactly their SOP classes in Explicit and Implicit VR
@@ -67,8 +72,9 @@ def store(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class in sorted(set(sop_classes)):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
-                         tls_args=(tls, None) if tls is not None else None)
+    assoc = ae.associate(
+        peer.host, peer.port, ae_title=peer.ae_title, tls_args=(tls, None) if tls is not None else None
+    )
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise DeliveryError(f"association with {peer.ae_title}@{peer.host}:{peer.port} failed ({reason})")
@@ -80,7 +86,9 @@ def store(
                 raise DeliveryError(f"{path.name}: no C-STORE response from {peer.ae_title} (timeout or abort)")
             if int(status.Status) not in DELIVERED:
                 comment = status.get("ErrorComment", "")
-                raise DeliveryError(f"{path.name}: {peer.ae_title} answered 0x{int(status.Status):04X} {comment}".strip())
+                raise DeliveryError(
+                    f"{path.name}: {peer.ae_title} answered 0x{int(status.Status):04X} {comment}".strip()
+                )
     finally:
         if assoc.is_established:
             assoc.release()
@@ -163,8 +171,11 @@ class Sender:
             attempt_started = time.perf_counter()
             try:
                 store(
-                    peer, paths, calling_ae=settings.sender.calling_ae_title or settings.node.ae_title,
-                    timeout=settings.sender.timeout_s, sop_classes=[r.sop_class_uid for r in results],
+                    peer,
+                    paths,
+                    calling_ae=settings.sender.calling_ae_title or settings.node.ae_title,
+                    timeout=settings.sender.timeout_s,
+                    sop_classes=[r.sop_class_uid for r in results],
                     tls=client_tls_context(settings.tls) if peer.tls else None,
                 )
                 crash_point("sending")
@@ -172,25 +183,47 @@ class Sender:
                 errors.append(f"{peer.name}: {error}")
                 self.metrics.send_failures.labels(destination=peer.name).inc()
                 self._note(peer.name, last_error=f"{_now()} {error}"[:300])
-                self.audit.record("delivery", outcome="failed", job=job.id, destination=peer.name,
-                                  ae_title=peer.ae_title, address=f"{peer.host}:{peer.port}", reason=str(error)[:300],
-                                  source_sop_instance_uid=job.sop_instance_uid,
-                                  study_instance_uid=job.study_instance_uid,
-                                  results={r.kind: r.sop_instance_uid for r in results})
+                self.audit.record(
+                    "delivery",
+                    outcome="failed",
+                    job=job.id,
+                    destination=peer.name,
+                    ae_title=peer.ae_title,
+                    address=f"{peer.host}:{peer.port}",
+                    reason=str(error)[:300],
+                    source_sop_instance_uid=job.sop_instance_uid,
+                    study_instance_uid=job.study_instance_uid,
+                    results={r.kind: r.sop_instance_uid for r in results},
+                )
                 continue
             delivered.add(peer.name)
             self.metrics.send_seconds.labels(destination=peer.name).observe(time.perf_counter() - attempt_started)
             self._note(peer.name, last_delivered=_now(), last_error="")
-            log.info("job=%d delivered to %s (%s@%s:%d): %s", job.id, peer.name, peer.ae_title, peer.host, peer.port,
-                     " ".join(f"{r.kind}={r.sop_instance_uid}" for r in results))
-            self.audit.record("delivery", outcome="delivered", job=job.id, destination=peer.name,
-                              ae_title=peer.ae_title, address=f"{peer.host}:{peer.port}",
-                              source_sop_instance_uid=job.sop_instance_uid, study_instance_uid=job.study_instance_uid,
-                              results={r.kind: r.sop_instance_uid for r in results})
+            log.info(
+                "job=%d delivered to %s (%s@%s:%d): %s",
+                job.id,
+                peer.name,
+                peer.ae_title,
+                peer.host,
+                peer.port,
+                " ".join(f"{r.kind}={r.sop_instance_uid}" for r in results),
+            )
+            self.audit.record(
+                "delivery",
+                outcome="delivered",
+                job=job.id,
+                destination=peer.name,
+                ae_title=peer.ae_title,
+                address=f"{peer.host}:{peer.port}",
+                source_sop_instance_uid=job.sop_instance_uid,
+                study_instance_uid=job.study_instance_uid,
+                results={r.kind: r.sop_instance_uid for r in results},
+            )
         self.queue.add_timing(job.id, "sending", time.perf_counter() - started)
         if not errors:
-            self.queue.record_attempt(job.id, delivered=sorted(delivered), error=None, next_attempt_at=0,
-                                      state=JobState.DONE)
+            self.queue.record_attempt(
+                job.id, delivered=sorted(delivered), error=None, next_attempt_at=0, state=JobState.DONE
+            )
             self.spool.remove(job.spool_path)
             return
         attempts = job.attempts + 1
@@ -198,15 +231,27 @@ class Sender:
         if attempts >= settings.sender.max_attempts:
             log.error("job=%d dead after %d attempts: %s", job.id, attempts, error)
             self.metrics.dead.inc()
-            self.audit.record("job", outcome="dead", job=job.id, attempts=attempts, reason=error[:300],
-                              source_sop_instance_uid=job.sop_instance_uid)
-            self.queue.record_attempt(job.id, delivered=sorted(delivered), error=error, next_attempt_at=0,
-                                      state=JobState.DEAD)
+            self.audit.record(
+                "job",
+                outcome="dead",
+                job=job.id,
+                attempts=attempts,
+                reason=error[:300],
+                source_sop_instance_uid=job.sop_instance_uid,
+            )
+            self.queue.record_attempt(
+                job.id, delivered=sorted(delivered), error=error, next_attempt_at=0, state=JobState.DEAD
+            )
             return
         delay = backoff(settings.sender, attempts)
         log.warning("job=%d attempt %d failed, next in %.0f s: %s", job.id, attempts, delay, error)
-        self.queue.record_attempt(job.id, delivered=sorted(delivered), error=error,
-                                  next_attempt_at=time.time() + delay, state=JobState.SENDING)
+        self.queue.record_attempt(
+            job.id,
+            delivered=sorted(delivered),
+            error=error,
+            next_attempt_at=time.time() + delay,
+            state=JobState.SENDING,
+        )
 
 
 def _now() -> str:

@@ -81,7 +81,12 @@ def reconcile(spool: Spool, queue: SQLiteQueue) -> None:
     unfinished = sum(queue.counts()[s] for s in UNFINISHED)
     log.info(
         "start-up: %d partial file(s) and %d unacknowledged object(s) removed, %d job(s) resumed, %d unfinished, "
-        "%d failed for a missing file", removed, orphans, resumed, unfinished, lost,
+        "%d failed for a missing file",
+        removed,
+        orphans,
+        resumed,
+        unfinished,
+        lost,
     )
 
 
@@ -108,8 +113,12 @@ class Node:
                 log.warning("reload: changes in [%s] take effect after a restart", section)
         new = new.model_copy(update={"node": self.settings.node, "inference": self.settings.inference})
         self.settings = new
-        log.info("reload: %d peer(s), default route %s, %d rule(s)", len(new.peers),
-                 new.routing.default or "results folder", len(new.routing.rules))
+        log.info(
+            "reload: %d peer(s), default route %s, %d rule(s)",
+            len(new.peers),
+            new.routing.default or "results folder",
+            len(new.routing.rules),
+        )
 
 
 def serve(
@@ -119,8 +128,9 @@ def serve(
     allowed_calling_aes: Sequence[str] = (),
 ) -> int:
     def settings_now() -> Settings:
-        return with_command_line_peers(load_settings(config_path, overrides=overrides), destinations,
-                                       allowed_calling_aes)
+        return with_command_line_peers(
+            load_settings(config_path, overrides=overrides), destinations, allowed_calling_aes
+        )
 
     settings = settings_now()
     configure_logging(settings.node.log_level)
@@ -134,6 +144,7 @@ def serve(
     metrics = Metrics(queue)
     worker = Worker(node.current, queue, spool, predictor, wake_worker, wake_sender, metrics)
     sender = Sender(node.current, queue, spool, wake_sender, audit, metrics)
+
     # Handlers before the port opens: a SIGHUP or SIGTERM that arrives as soon as peers can connect is obeyed.
     def on_hangup(signum: int, frame: FrameType | None) -> None:
         node.reload()  # the association policy reads node.current() for every new association
@@ -149,15 +160,28 @@ def serve(
     ae = make_ae(settings)
     receiver = Receiver(node.current, spool, queue, wake_worker, audit, metrics)
     server = start_server(ae, settings, receiver)
-    http = start_http(StatusSources(node.current, queue, metrics, sender, lambda: predictor.model_version,
-                                    receiver.low_on_disk, settings.node.data_dir))
+    http = start_http(
+        StatusSources(
+            node.current,
+            queue,
+            metrics,
+            sender,
+            lambda: predictor.model_version,
+            receiver.low_on_disk,
+            settings.node.data_dir,
+        )
+    )
     worker.start()
     sender.start()
     wake_worker.set()
     wake_sender.set()
 
-    log.info("ready: %s, data in %s, results to %s", predictor.model_version, settings.node.data_dir,
-             ", ".join(p.name for p in settings.destinations_for("")) or f"{spool.results}")
+    log.info(
+        "ready: %s, data in %s, results to %s",
+        predictor.model_version,
+        settings.node.data_dir,
+        ", ".join(p.name for p in settings.destinations_for("")) or f"{spool.results}",
+    )
     node.stopped.wait()
     receiver.stopping.set()  # new associations are refused (transient) from now on
     deadline = time.monotonic() + settings.node.dimse_timeout_s

@@ -38,7 +38,6 @@ from node.worker import THUMBNAILS
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class StatusSources:
     """What the status page and the probes read; all of it already exists in the running node."""
@@ -71,33 +70,56 @@ def status(sources: StatusSources, limit: int = 20) -> dict[str, Any]:
     settings = sources.settings()
     jobs = sources.queue.jobs(limit=limit)
     destinations = {p.name for p in settings.destinations_for("")} | {
-        n for r in settings.routing.rules for n in r.destinations}
+        n for r in settings.routing.rules for n in r.destinations
+    }
     sender_state = sources.sender.destination_state() if sources.sender else {}
     return {
-        "node": {"ae_title": settings.node.ae_title, "host": settings.node.host, "port": settings.node.port,
-                 "tls": settings.tls.enabled, "model_version": sources.model_version()},
+        "node": {
+            "ae_title": settings.node.ae_title,
+            "host": settings.node.host,
+            "port": settings.node.port,
+            "tls": settings.tls.enabled,
+            "model_version": sources.model_version(),
+        },
         "ready": readiness(sources),
         "queue": {state.value: n for state, n in sources.queue.counts().items()},
         "peers": [
-            {"name": p.name, "ae_title": p.ae_title, "address": f"{p.host}:{p.port}", "may_send": p.may_send,
-             "destination": p.name in destinations, "objects": settings.objects_for(p) if p.name in destinations
-             else [], **sender_state.get(p.name, {})}
+            {
+                "name": p.name,
+                "ae_title": p.ae_title,
+                "address": f"{p.host}:{p.port}",
+                "may_send": p.may_send,
+                "destination": p.name in destinations,
+                "objects": settings.objects_for(p) if p.name in destinations else [],
+                **sender_state.get(p.name, {}),
+            }
             for p in settings.peers
         ],
         "jobs": [
-            {"id": j.id, "state": j.state.value, "calling_ae": j.calling_ae, "sop_instance_uid": j.sop_instance_uid,
-             "received": datetime.datetime.fromtimestamp(j.received_at).isoformat(sep=" ", timespec="seconds"),
-             "error": j.error, "delivered": list(j.delivered), "results": [r.kind for r in j.results],
-             "thumbnail": f"/{THUMBNAILS}/{j.id}.png" if (sources.data_dir / THUMBNAILS / f"{j.id}.png").is_file()
-             else None}
+            {
+                "id": j.id,
+                "state": j.state.value,
+                "calling_ae": j.calling_ae,
+                "sop_instance_uid": j.sop_instance_uid,
+                "received": datetime.datetime.fromtimestamp(j.received_at).isoformat(sep=" ", timespec="seconds"),
+                "error": j.error,
+                "delivered": list(j.delivered),
+                "results": [r.kind for r in j.results],
+                "thumbnail": f"/{THUMBNAILS}/{j.id}.png"
+                if (sources.data_dir / THUMBNAILS / f"{j.id}.png").is_file()
+                else None,
+            }
             for j in jobs
         ],
     }
 
 
 STATE_COLOURS = {
-    JobState.DONE.value: "#1b7f3b", JobState.SKIPPED.value: "#777", JobState.FAILED.value: "#b00020",
-    JobState.DEAD.value: "#b00020", JobState.SENDING.value: "#b26a00",
+    JobState.DONE.value: "#1b7f3b",
+    JobState.SKIPPED.value: "#777",
+    JobState.FAILED.value: "#b00020",
+    JobState.DEAD.value: "#b00020",
+    JobState.SENDING.value: "#b26a00",
 }
 
 
@@ -106,33 +128,43 @@ def status_page(data: dict[str, Any], token_query: str) -> str:
     node = data["node"]
     ready = "ready" if not data["ready"] else "not ready: " + "; ".join(data["ready"])
     queue = "".join(f"<td>{e(state)}</td><td class=n>{n}</td>" for state, n in data["queue"].items())
-    peers = "".join(
-        f"<tr><td>{e(p['name'])}</td><td>{e(p['ae_title'])}</td><td>{e(p['address'])}</td>"
-        f"<td>{'yes' if p['may_send'] else ''}</td><td>{e(', '.join(p['objects'])) if p['destination'] else ''}</td>"
-        f"<td>{e(p.get('last_delivered') or '')}</td><td class=err>{e(p.get('last_error') or '')}</td></tr>"
-        for p in data["peers"]
-    ) or "<tr><td colspan=7>no peers: any calling AE is accepted; results are written under the data dir</td></tr>"
-    jobs = "".join(
-        f"<tr><td class=n>{j['id']}</td><td style='color:{STATE_COLOURS.get(j['state'], '#000')}'>{e(j['state'])}"
-        f"</td><td>{e(j['received'])}</td><td>{e(j['calling_ae'])}</td><td class=uid>{e(j['sop_instance_uid'])}</td>"
-        f"<td>{e(', '.join(j['results']))}</td><td>{e(', '.join(j['delivered']))}</td>"
-        f"<td class=err>{e(j['error'] or '')}</td><td>"
-        + (f"<a href='{j['thumbnail']}{token_query}'><img alt='overlay of job {j['id']}' "
-           f"src='{j['thumbnail']}{token_query}'></a>" if j["thumbnail"] else "")
-        + "</td></tr>"
-        for j in data["jobs"]
-    ) or "<tr><td colspan=9>no jobs yet</td></tr>"
+    peers = (
+        "".join(
+            f"<tr><td>{e(p['name'])}</td><td>{e(p['ae_title'])}</td><td>{e(p['address'])}</td>"
+            f"<td>{'yes' if p['may_send'] else ''}</td><td>{e(', '.join(p['objects'])) if p['destination'] else ''}</td>"
+            f"<td>{e(p.get('last_delivered') or '')}</td><td class=err>{e(p.get('last_error') or '')}</td></tr>"
+            for p in data["peers"]
+        )
+        or "<tr><td colspan=7>no peers: any calling AE is accepted; results are written under the data dir</td></tr>"
+    )
+    jobs = (
+        "".join(
+            f"<tr><td class=n>{j['id']}</td><td style='color:{STATE_COLOURS.get(j['state'], '#000')}'>{e(j['state'])}"
+            f"</td><td>{e(j['received'])}</td><td>{e(j['calling_ae'])}</td><td class=uid>{e(j['sop_instance_uid'])}</td>"
+            f"<td>{e(', '.join(j['results']))}</td><td>{e(', '.join(j['delivered']))}</td>"
+            f"<td class=err>{e(j['error'] or '')}</td><td>"
+            + (
+                f"<a href='{j['thumbnail']}{token_query}'><img alt='overlay of job {j['id']}' "
+                f"src='{j['thumbnail']}{token_query}'></a>"
+                if j["thumbnail"]
+                else ""
+            )
+            + "</td></tr>"
+            for j in data["jobs"]
+        )
+        or "<tr><td colspan=9>no jobs yet</td></tr>"
+    )
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><meta http-equiv=refresh content=10>
-<title>cxrnode {e(node['ae_title'])}</title>
+<title>cxrnode {e(node["ae_title"])}</title>
 <style>
 body{{font:14px system-ui,sans-serif;margin:1.5em;color:#222}} h1{{font-size:1.4em;margin:0 0 .2em}}
 table{{border-collapse:collapse;margin:.5em 0 1.5em}} td,th{{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;
 vertical-align:top}} .n{{text-align:right}} .uid{{font-family:monospace;font-size:12px}} .err{{color:#b00020}}
 img{{height:96px}} .banner{{background:#fff3cd;padding:6px 10px;display:inline-block}}
 </style></head><body>
-<h1>cxrnode — {e(node['ae_title'])} on {e(node['host'])}:{node['port']}{' (TLS)' if node['tls'] else ''}</h1>
-<p id=ready>{e(ready)} · model {e(node['model_version'] or 'not loaded')}</p>
+<h1>cxrnode — {e(node["ae_title"])} on {e(node["host"])}:{node["port"]}{" (TLS)" if node["tls"] else ""}</h1>
+<p id=ready>{e(ready)} · model {e(node["model_version"] or "not loaded")}</p>
 <p class=banner>AI results for lung opacity — not for diagnostic use.</p>
 <h2>Queue</h2><table id=queue><tr>{queue}</tr></table>
 <h2>Peers and destinations</h2>
@@ -176,9 +208,11 @@ def make_handler(sources: StatusSources) -> type[BaseHTTPRequestHandler]:
                 return self._send(200, b"ok\n", "text/plain; charset=utf-8")
             if url.path == "/readyz":
                 problems = readiness(sources)
-                return self._send(200 if not problems else 503,
-                                  json.dumps({"ready": not problems, "problems": problems}).encode(),
-                                  "application/json")
+                return self._send(
+                    200 if not problems else 503,
+                    json.dumps({"ready": not problems, "problems": problems}).encode(),
+                    "application/json",
+                )
             if not self._authorised(query):
                 return self._send(401, b"token required\n", "text/plain; charset=utf-8")
             token = sources.settings().http.token
@@ -206,6 +240,10 @@ def start_http(sources: StatusSources) -> ThreadingHTTPServer | None:
     server = ThreadingHTTPServer((http.host, http.port), make_handler(sources))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-    log.info("HTTP on %s:%d: /metrics /healthz /readyz and the status page%s", http.host, http.port,
-             " (token required)" if http.token else "")
+    log.info(
+        "HTTP on %s:%d: /metrics /healthz /readyz and the status page%s",
+        http.host,
+        http.port,
+        " (token required)" if http.token else "",
+    )
     return server

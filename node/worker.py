@@ -20,9 +20,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from queue import Empty, Full
 from queue import Queue as Handoff
-from dataclasses import dataclass
 
 import numpy as np
 from pydicom import Dataset, dcmread
@@ -201,8 +201,12 @@ class Worker:
         started = time.perf_counter()
         try:
             results = write_results(
-                item.source, finding, settings.objects_to_write(job.calling_ae), self.spool,
-                content_datetime=datetime.datetime.fromtimestamp(job.received_at), pixels=item.pixels,
+                item.source,
+                finding,
+                settings.objects_to_write(job.calling_ae),
+                self.spool,
+                content_datetime=datetime.datetime.fromtimestamp(job.received_at),
+                pixels=item.pixels,
             )
         except OSError as error:  # disk full or unwritable: the job stays recoverable, try again later
             log.error("job=%d sop=%s: cannot write results (%s); will retry", job.id, job.sop_instance_uid, error)
@@ -220,8 +224,13 @@ class Worker:
         self._thumbnail(job, item.pixels, finding)
         log.info(
             "job=%d sop=%s inferred: %d opacity box(es), present=%s p=%.3f severity=%.1f%% extent=%d; %s",
-            job.id, job.sop_instance_uid, len(finding.opacities), finding.opacity_present,
-            finding.opacity_probability, finding.severity.total, finding.extent.total,
+            job.id,
+            job.sop_instance_uid,
+            len(finding.opacities),
+            finding.opacity_present,
+            finding.opacity_probability,
+            finding.severity.total,
+            finding.extent.total,
             " ".join(f"{r.kind}={r.sop_instance_uid}" for r in results),
         )
         if state is JobState.DONE:

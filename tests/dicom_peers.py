@@ -20,10 +20,9 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ImplicitVRLittleEndian,
     JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
 )
 
@@ -63,12 +62,21 @@ class SentImage:
 
 
 def synthetic_file(
-    folder: Path, name: str, *, seed: int, modality: str = "DX", photometric: str = "MONOCHROME2", bits: int = 12,
-    size: tuple[int, int] = (600, 560), positive: bool = True, view: str = "PA",
+    folder: Path,
+    name: str,
+    *,
+    seed: int,
+    modality: str = "DX",
+    photometric: str = "MONOCHROME2",
+    bits: int = 12,
+    size: tuple[int, int] = (600, 560),
+    positive: bool = True,
+    view: str = "PA",
 ) -> Path:
     rng = np.random.default_rng(seed)
-    radiograph = make_radiograph(rng, *size, positive=positive, bits_stored=bits,
-                                 photometric_interpretation=photometric, view_position=view)
+    radiograph = make_radiograph(
+        rng, *size, positive=positive, bits_stored=bits, photometric_interpretation=photometric, view_position=view
+    )
     ds = make_dataset(radiograph, patient_id=f"test-{seed}", modality=modality, rng=rng)
     path = folder / f"{name}.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -92,8 +100,10 @@ def transcode(source: Path, target: Path, syntax: str) -> Path:
         return target
     ds = pydicom.dcmread(source)
     if syntax in ("j2k-lossless", "j2k"):
-        ds.compress(JPEG2000Lossless if syntax == "j2k-lossless" else JPEG2000,
-                    **({} if syntax == "j2k-lossless" else {"j2k_cr": [20]}))
+        ds.compress(
+            JPEG2000Lossless if syntax == "j2k-lossless" else JPEG2000,
+            **({} if syntax == "j2k-lossless" else {"j2k_cr": [20]}),
+        )
     elif syntax == "deflated":
         ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     elif syntax == "implicit":
@@ -114,7 +124,8 @@ def out_of_scope_files(folder: Path, seed: int) -> list[Path]:
     ct_source.SOPClassUID = ct_source.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     ct_source.Modality = "CT"
     ct_source.SOPInstanceUID = ct_source.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid(
-        entropy_srcs=[f"ct-{seed}"])
+        entropy_srcs=[f"ct-{seed}"]
+    )
     ct = folder / "ct.dcm"
     ct_source.save_as(ct, enforce_file_format=True)
     (folder / "ct-source.dcm").unlink()
@@ -138,10 +149,20 @@ class StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         log = open(self.folder.parent / f"storescp-{self.port}.log", "ab")
         self.process = subprocess.Popen(
-            ["storescp", *self.options, "--aetitle", self.ae_title, "--output-directory", str(self.folder),
-             "--filename-extension", ".dcm", "--unique-filenames",
-             str(self.port)],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                "storescp",
+                *self.options,
+                "--aetitle",
+                self.ae_title,
+                "--output-directory",
+                str(self.folder),
+                "--filename-extension",
+                ".dcm",
+                "--unique-filenames",
+                str(self.port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         wait_for_port(self.port, 10, self.process)
         return self
@@ -181,8 +202,9 @@ STORESCU_PROPOSE = {
 """storescu proposes one family of transfer syntaxes per run: the option that proposes each file's own."""
 
 
-def storescu(port: int, files: list[Path], *, called: str = "CXRNODE", calling: str = "MODALITY",
-             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int, files: list[Path], *, called: str = "CXRNODE", calling: str = "MODALITY", extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     """Send with DCMTK storescu, one run per transfer syntax so that no file is converted on the way."""
     groups: dict[str, list[Path]] = {}
     for path in files:
@@ -191,9 +213,22 @@ def storescu(port: int, files: list[Path], *, called: str = "CXRNODE", calling: 
     outputs, code = [], 0
     for option, group in groups.items():
         done = subprocess.run(
-            ["storescu", "-v", option, *extra, "--aetitle", calling, "--call", called, "127.0.0.1", str(port),
-             *map(str, group)],
-            capture_output=True, text=True, timeout=300,
+            [
+                "storescu",
+                "-v",
+                option,
+                *extra,
+                "--aetitle",
+                calling,
+                "--call",
+                called,
+                "127.0.0.1",
+                str(port),
+                *map(str, group),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         outputs.append(done.stdout + done.stderr)
         code = code or done.returncode
@@ -201,8 +236,12 @@ def storescu(port: int, files: list[Path], *, called: str = "CXRNODE", calling: 
 
 
 def echoscu(port: int, *, called: str = "CXRNODE", calling: str = "ECHO") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["echoscu", "--aetitle", calling, "--call", called, "127.0.0.1", str(port)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["echoscu", "--aetitle", calling, "--call", called, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 # -- the node -------------------------------------------------------------------------------------------------------------
@@ -223,7 +262,10 @@ class NodeProcess:
             env["CXRNODE_CRASH_AT"] = crash_at
         self.process = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)],
-            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=REPO, env=env,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
         )
         try:
             wait_for_port(self.port, timeout, self.process)
@@ -245,13 +287,26 @@ class NodeProcess:
         return self.process.returncode if self.process else 0
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "node.cli", *args, "--config", str(self.config)],
-                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "node.cli", *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
 
 
-def write_config(path: Path, *, port: int, data_dir: Path, destination_port: int | None = None,
-                 extra: str = "", retry: str = "retry_base_s = 0.5\nretry_factor = 2\nretry_max_delay_s = 2\nmax_attempts = 3",
-                 objects: tuple[str, ...] = ("SEG", "SR"), http_port: int = 0) -> Path:
+def write_config(
+    path: Path,
+    *,
+    port: int,
+    data_dir: Path,
+    destination_port: int | None = None,
+    extra: str = "",
+    retry: str = "retry_base_s = 0.5\nretry_factor = 2\nretry_max_delay_s = 2\nmax_attempts = 3",
+    objects: tuple[str, ...] = ("SEG", "SR"),
+    http_port: int = 0,
+) -> Path:
     destination = ""
     route = ""
     if destination_port is not None:
@@ -260,18 +315,30 @@ def write_config(path: Path, *, port: int, data_dir: Path, destination_port: int
     path.write_text(
         f'[node]\nae_title = "CXRNODE"\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data_dir}"\n\n'
         f'{destination}\n{route}\n[inference]\ndevice = "cpu"\nbatch_size = 4\nmax_wait_ms = 100\n\n'
-        f'[sender]\n{retry}\ntimeout_s = 10\n\n[outputs]\nobjects = {json.dumps(list(objects))}\n\n'
-        f'[http]\nport = {http_port}\n\n{extra}\n'
+        f"[sender]\n{retry}\ntimeout_s = 10\n\n[outputs]\nobjects = {json.dumps(list(objects))}\n\n"
+        f"[http]\nport = {http_port}\n\n{extra}\n"
     )
     return path
 
 
 @contextmanager
-def running_node(tmp: Path, *, destination_port: int | None, extra: str = "", name: str = "node",
-                 objects: tuple[str, ...] = ("SEG", "SR")) -> Iterator[NodeProcess]:
+def running_node(
+    tmp: Path,
+    *,
+    destination_port: int | None,
+    extra: str = "",
+    name: str = "node",
+    objects: tuple[str, ...] = ("SEG", "SR"),
+) -> Iterator[NodeProcess]:
     port = free_port()
-    config = write_config(tmp / f"{name}.toml", port=port, data_dir=tmp / f"{name}-data",
-                          destination_port=destination_port, extra=extra, objects=objects)
+    config = write_config(
+        tmp / f"{name}.toml",
+        port=port,
+        data_dir=tmp / f"{name}-data",
+        destination_port=destination_port,
+        extra=extra,
+        objects=objects,
+    )
     node = NodeProcess(config, port, tmp / f"{name}.log").start()
     try:
         yield node
@@ -291,8 +358,12 @@ def source_of(result: pydicom.Dataset) -> str:
     if "SourceImageSequence" in result:
         return str(result.SourceImageSequence[0].ReferencedSOPInstanceUID)
     evidence = result.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
-    return next(str(i.ReferencedSOPInstanceUID) for s in evidence for i in s.ReferencedSOPSequence
-                if i.ReferencedSOPClassUID != SEG_CLASS)
+    return next(
+        str(i.ReferencedSOPInstanceUID)
+        for s in evidence
+        for i in s.ReferencedSOPSequence
+        if i.ReferencedSOPClassUID != SEG_CLASS
+    )
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):  # type: ignore[no-untyped-def]

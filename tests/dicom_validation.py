@@ -53,6 +53,7 @@ def assert_valid_dicom(path: str | os.PathLike[str], *, allowed_warnings: tuple[
         unexpected = [w for w in warnings if not any(allowed in w for allowed in allowed_warnings)]
         if unexpected:
             pytest.fail(
-                f"dciodvfy found {len(unexpected)} unexpected warning(s) in {os.fspath(path)}:\n" + "\n".join(unexpected)
+                f"dciodvfy found {len(unexpected)} unexpected warning(s) in {os.fspath(path)}:\n"
+                + "\n".join(unexpected)
             )
     return warnings

@@ -100,8 +100,11 @@ def check_report(
             assert area == pytest.approx((x1 - x0) * (y1 - y0) * spacing[0] * spacing[1])
 
     volumetric = report.get_volumetric_roi_measurement_groups()
-    masks = {OPACITY_SEGMENT: finding.opacity_mask, RIGHT_LUNG_SEGMENT: finding.right_lung,
-             LEFT_LUNG_SEGMENT: finding.left_lung}
+    masks = {
+        OPACITY_SEGMENT: finding.opacity_mask,
+        RIGHT_LUNG_SEGMENT: finding.right_lung,
+        LEFT_LUNG_SEGMENT: finding.left_lung,
+    }
     expected_segments = [number for number, mask in masks.items() if mask.any()]
     assert [g.referenced_segment.referenced_segment_numbers[0] for g in volumetric] == expected_segments
     seg_tracking = {int(s.SegmentNumber): s.TrackingUID for s in seg.SegmentSequence}

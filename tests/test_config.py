@@ -120,7 +120,11 @@ def test_precedence_defaults_file_environment_overrides(tmp_path: Path) -> None:
     assert from_file.node.host == "127.0.0.1"  # default kept
     assert from_file.sender.calling_ae_title == "FROMFILE"  # follows node.ae_title when unset
 
-    env = {"CXRNODE_NODE__PORT": "3000", "CXRNODE_ROUTING__DEFAULT": "pacs, archive", "CXRNODE_INFERENCE__DEVICE": "cpu"}
+    env = {
+        "CXRNODE_NODE__PORT": "3000",
+        "CXRNODE_ROUTING__DEFAULT": "pacs, archive",
+        "CXRNODE_INFERENCE__DEVICE": "cpu",
+    }
     from_env = load_settings(path, environ=env)
     assert from_env.node.port == 3000 and from_env.node.ae_title == "FROMFILE"
     assert from_env.routing.default == ["pacs", "archive"] and from_env.inference.device == "cpu"
@@ -150,7 +154,9 @@ def test_environment_names_the_file_and_coerces_values(tmp_path: Path) -> None:
 
 
 def test_keywords_and_uids_for_sop_classes(tmp_path: Path) -> None:
-    path = write(tmp_path, '[filters]\nsop_classes = ["DigitalXRayImageStorageForPresentation", "1.2.840.10008.5.1.4.1.1.7"]\n')
+    path = write(
+        tmp_path, '[filters]\nsop_classes = ["DigitalXRayImageStorageForPresentation", "1.2.840.10008.5.1.4.1.1.7"]\n'
+    )
     s = load_settings(path, environ={})
     assert s.filters.sop_classes == [DX_PRESENTATION, SC]
 
@@ -181,7 +187,11 @@ def test_keywords_and_uids_for_sop_classes(tmp_path: Path) -> None:
             ["'typo'", "known peers"],
         ),
         (PEERS + '[[peers]]\nname = "pacs"\nae_title = "OTHER"\nhost = "h"\nport = 1\n', "peers[2].name", ["unique"]),
-        (PEERS + '[[peers]]\nname = "p2"\nae_title = "PACS"\nhost = "h"\nport = 1\n', "peers[2].ae_title", ["distinct"]),
+        (
+            PEERS + '[[peers]]\nname = "p2"\nae_title = "PACS"\nhost = "h"\nport = 1\n',
+            "peers[2].ae_title",
+            ["distinct"],
+        ),
         (PEERS.replace("port = 104", "port = 70000"), "peers[0].port", ["65535"]),
         (PEERS.replace('name = "pacs"', 'name = "pa cs"'), "peers[0].name", ["A-Z"]),
         (PEERS.replace("port = 104\n", ""), "peers[0].port", ["required"]),
@@ -228,8 +238,12 @@ def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(path, environ={"CXRNODE_NODE__PORT": "70000", "CXRNODE_ROUTING__DEFAULT": "pacs,nope"})
     lines = str(caught.value).splitlines()
-    assert "environment CXRNODE_NODE__PORT: node.port: Input should be less than or equal to 65535 (got '70000')" in lines
-    assert any(line.startswith("environment CXRNODE_ROUTING__DEFAULT: routing.default: unknown peer 'nope'") for line in lines)
+    assert (
+        "environment CXRNODE_NODE__PORT: node.port: Input should be less than or equal to 65535 (got '70000')" in lines
+    )
+    assert any(
+        line.startswith("environment CXRNODE_ROUTING__DEFAULT: routing.default: unknown peer 'nope'") for line in lines
+    )
 
 
 def test_bad_override_names_the_key() -> None:

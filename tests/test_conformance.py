@@ -37,8 +37,9 @@ def table(marker: str) -> set[str]:
 
 
 def test_scp_sop_classes_and_transfer_syntaxes_match_a_real_association(tmp_path: Path) -> None:
-    settings = load_settings(None, environ={}, overrides={"node.port": free_port(), "node.data_dir": str(tmp_path),
-                                                          "node.min_free_mb": 0})
+    settings = load_settings(
+        None, environ={}, overrides={"node.port": free_port(), "node.data_dir": str(tmp_path), "node.min_free_mb": 0}
+    )
     ae = make_ae(settings)
     documented = table("scp-sop-classes")
     syntaxes = table("scp-transfer-syntaxes")
@@ -46,12 +47,16 @@ def test_scp_sop_classes_and_transfer_syntaxes_match_a_real_association(tmp_path
     # Propose, for a sample of documented classes, every documented syntax plus one we do not support.
     spool = Spool(tmp_path)
     spool.prepare()
-    receiver = Receiver(lambda: settings, spool, SQLiteQueue(tmp_path / "q.sqlite"), threading.Event(),
-                        AuditLog(tmp_path))
+    receiver = Receiver(
+        lambda: settings, spool, SQLiteQueue(tmp_path / "q.sqlite"), threading.Event(), AuditLog(tmp_path)
+    )
     server = start_server(ae, settings, receiver)
     try:
-        sample = sorted(documented)[::12] + ["1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1",
-                                              str(Verification)]
+        sample = sorted(documented)[::12] + [
+            "1.2.840.10008.5.1.4.1.1.1",
+            "1.2.840.10008.5.1.4.1.1.1.1",
+            str(Verification),
+        ]
         undocumented_syntax = "1.2.840.10008.1.2.4.100"  # MPEG2: not supported
         accepted: dict[str, set[str]] = {}
         for sop_class in sample:
@@ -60,7 +65,9 @@ def test_scp_sop_classes_and_transfer_syntaxes_match_a_real_association(tmp_path
                 scu.add_requested_context(sop_class, syntax)
                 assoc = scu.associate("127.0.0.1", settings.node.port, ae_title="CXRNODE")
                 if assoc.is_established:
-                    accepted.setdefault(sop_class, set()).update(str(c.transfer_syntax[0]) for c in assoc.accepted_contexts)
+                    accepted.setdefault(sop_class, set()).update(
+                        str(c.transfer_syntax[0]) for c in assoc.accepted_contexts
+                    )
                     assoc.release()
         for sop_class in sample:
             expected = set(VERIFICATION_TRANSFER_SYNTAXES) if sop_class == str(Verification) else syntaxes
@@ -85,8 +92,18 @@ def _finding(shape: tuple[int, int]) -> Finding:
     mask = np.zeros(shape, bool)
     mask[60:120, 40:90] = True
     severity, extent = lung_involvement(mask, right, left)
-    return Finding(shape, (Opacity((40.0, 60.0, 90.0, 120.0), 0.9, mask),), right, left, severity, extent, 0.9, True,
-                   Thresholds(0.5, 0.5, 0.5), "test-model")
+    return Finding(
+        shape,
+        (Opacity((40.0, 60.0, 90.0, 120.0), 0.9, mask),),
+        right,
+        left,
+        severity,
+        extent,
+        0.9,
+        True,
+        Thresholds(0.5, 0.5, 0.5),
+        "test-model",
+    )
 
 
 def test_scu_proposes_exactly_the_documented_contexts(tmp_path: Path) -> None:
@@ -110,11 +127,17 @@ def test_scu_proposes_exactly_the_documented_contexts(tmp_path: Path) -> None:
     for _, sop_class in paths:
         destination.add_supported_context(sop_class, ExplicitVRLittleEndian)
     port = free_port()
-    server = destination.start_server(("127.0.0.1", port), block=False,
-                                      evt_handlers=[(evt.EVT_REQUESTED, capture), (evt.EVT_C_STORE, lambda e: 0)])
+    server = destination.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_REQUESTED, capture), (evt.EVT_C_STORE, lambda e: 0)]
+    )
     try:
-        store(Peer(name="pacs", ae_title="PACS", host="127.0.0.1", port=port, may_send=False),
-              [p for p, _ in paths], calling_ae="CXRNODE", timeout=10, sop_classes=[c for _, c in paths])
+        store(
+            Peer(name="pacs", ae_title="PACS", host="127.0.0.1", port=port, may_send=False),
+            [p for p, _ in paths],
+            calling_ae="CXRNODE",
+            timeout=10,
+            sop_classes=[c for _, c in paths],
+        )
     finally:
         server.shutdown()
     assert {sop for sop, _ in proposed} == table("scu-sop-classes")
@@ -123,7 +146,8 @@ def test_scu_proposes_exactly_the_documented_contexts(tmp_path: Path) -> None:
         assert set(syntaxes) == table("scu-transfer-syntaxes")
 
 
-@pytest.mark.parametrize("marker", ["scp-sop-classes", "scp-transfer-syntaxes", "scu-sop-classes",
-                                    "scu-transfer-syntaxes"])
+@pytest.mark.parametrize(
+    "marker", ["scp-sop-classes", "scp-transfer-syntaxes", "scu-sop-classes", "scu-transfer-syntaxes"]
+)
 def test_tables_are_not_empty(marker: str) -> None:
     assert table(marker)

@@ -38,7 +38,9 @@ def acknowledged(storescu_output: str, files: list[Path]) -> set[Path]:
 def send(port: int, files: list[Path]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["storescu", "-v", "--aetitle", "MODALITY", "--call", "CXRNODE", "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -67,19 +69,42 @@ def test_kill_and_restart_loses_nothing(kill: str, tmp_path: Path, tmp_path_fact
     files = sorted(images.glob("c*.dcm"))
     pacs = StoreSCP("PACS", free_port(), tmp_path / "pacs").start()
     port = free_port()
-    config = write_config(tmp_path / "node.toml", port=port, data_dir=tmp_path / "data", destination_port=pacs.port,
-                          retry="retry_base_s = 0.5\nretry_factor = 1\nretry_max_delay_s = 0.5\nmax_attempts = 1000")
+    config = write_config(
+        tmp_path / "node.toml",
+        port=port,
+        data_dir=tmp_path / "data",
+        destination_port=pacs.port,
+        retry="retry_base_s = 0.5\nretry_factor = 1\nretry_max_delay_s = 0.5\nmax_attempts = 1000",
+    )
     node = NodeProcess(config, port, tmp_path / "node.log")
     try:
         if kill == "external":
             node.start()
             big = [synthetic_file(tmp_path, f"big{i}", seed=6100 + i, size=(3000, 2800), bits=16) for i in range(2)]
             transfer = subprocess.Popen(  # small PDUs: a large object takes a while to arrive
-                ["storescu", "-v", "--max-send-pdu", "4096", "--aetitle", "MODALITY", "--call", "CXRNODE",
-                 "127.0.0.1", str(port), *map(str, big + files)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            wait_until(lambda: "association accepted from MODALITY" in node.log.read_text(), timeout=30,
-                       interval=0.02, what="the transfer to start")
+                [
+                    "storescu",
+                    "-v",
+                    "--max-send-pdu",
+                    "4096",
+                    "--aetitle",
+                    "MODALITY",
+                    "--call",
+                    "CXRNODE",
+                    "127.0.0.1",
+                    str(port),
+                    *map(str, big + files),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            wait_until(
+                lambda: "association accepted from MODALITY" in node.log.read_text(),
+                timeout=30,
+                interval=0.02,
+                what="the transfer to start",
+            )
             time.sleep(0.2)
             node.kill()  # in the middle of receiving the first large object
             output = transfer.communicate(timeout=60)[0]
@@ -87,8 +112,11 @@ def test_kill_and_restart_loses_nothing(kill: str, tmp_path: Path, tmp_path_fact
         else:
             node.start(crash_at=kill)
             output = (lambda done: done.stdout + done.stderr)(send(port, files))
-            wait_until(lambda: node.process is not None and node.process.poll() is not None, timeout=120,
-                       what=f"the node to kill itself at {kill}")
+            wait_until(
+                lambda: node.process is not None and node.process.poll() is not None,
+                timeout=120,
+                what=f"the node to kill itself at {kill}",
+            )
         first_acknowledged = acknowledged(output, files)
         node.start()  # no crash point this time
         check_consistency(tmp_path / "data")
@@ -105,11 +133,18 @@ def test_kill_and_restart_loses_nothing(kill: str, tmp_path: Path, tmp_path_fact
                 uids[source_of(ds)].add((str(ds.Modality), str(ds.SOPInstanceUID)))
             return {source: Counter(kind for kind, _ in found) for source, found in uids.items()}
 
-        wait_until(lambda: all(delivered().get(uid) == Counter(RESULTS) for uid in source_uids), timeout=240,
-                   what="one SEG and one SR for every image")
-        wait_until(lambda: all(j["state"] == "done" for j in
-                               json.loads(node.cli("jobs", "--json", "--limit", "100").stdout)["jobs"]),
-                   timeout=60, what="every job done")
+        wait_until(
+            lambda: all(delivered().get(uid) == Counter(RESULTS) for uid in source_uids),
+            timeout=240,
+            what="one SEG and one SR for every image",
+        )
+        wait_until(
+            lambda: all(
+                j["state"] == "done" for j in json.loads(node.cli("jobs", "--json", "--limit", "100").stdout)["jobs"]
+            ),
+            timeout=60,
+            what="every job done",
+        )
         assert node.stop() == 0
         check_consistency(tmp_path / "data")
     finally:
@@ -119,5 +154,7 @@ def test_kill_and_restart_loses_nothing(kill: str, tmp_path: Path, tmp_path_fact
     assert set(per_source) == set(source_uids)  # nothing extra, nothing missing
     assert all(kinds == Counter(RESULTS) for kinds in per_source.values())  # one SEG UID and one SR UID each
     assert first_acknowledged <= set(files)
-    print(f"kill {kill}: {len(first_acknowledged)} of {len(files)} acknowledged before the kill, "
-          f"{len(pacs.files())} result files received for {2 * len(files)} distinct results")
+    print(
+        f"kill {kill}: {len(first_acknowledged)} of {len(files)} acknowledged before the kill, "
+        f"{len(pacs.files())} result files received for {2 * len(files)} distinct results"
+    )

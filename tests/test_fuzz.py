@@ -82,10 +82,14 @@ def test_fuzzing_does_not_disturb_a_well_behaved_peer(tmp_path: Path) -> None:
     port = free_port()
     # The well-behaved peer sends DX images and only CR is analysed: its images are acknowledged and recorded
     # (skipped) without inference, so that the measurement is the receiving path, not the CPU-bound models.
-    config = write_config(tmp_path / "fuzz.toml", port=port, data_dir=tmp_path / "data",
-                          extra='[filters]\nmodalities = ["CR"]\n')
-    config.write_text(config.read_text().replace(
-        "[node]\n", "[node]\nacse_timeout_s = 2\nnetwork_timeout_s = 3\nmax_associations = 20\nmin_free_mb = 0\n"))
+    config = write_config(
+        tmp_path / "fuzz.toml", port=port, data_dir=tmp_path / "data", extra='[filters]\nmodalities = ["CR"]\n'
+    )
+    config.write_text(
+        config.read_text().replace(
+            "[node]\n", "[node]\nacse_timeout_s = 2\nnetwork_timeout_s = 3\nmax_associations = 20\nmin_free_mb = 0\n"
+        )
+    )
     node = NodeProcess(config, port, tmp_path / "fuzz.log").start()
     good = [synthetic_file(tmp_path, f"good{i}", seed=8000 + i, size=(256, 240)) for i in range(4)]
     datasets = [pydicom.dcmread(p) for p in good]
@@ -129,7 +133,9 @@ def test_fuzzing_does_not_disturb_a_well_behaved_peer(tmp_path: Path) -> None:
                         payload[rng.randrange(len(payload))] = rng.randrange(256)
                     payload = bytes(payload)
                 elif kind == "oversized":
-                    payload = bytes([rng.choice([0x01, 0x04, 0x05])]) + b"\0" + struct.pack(">I", 0xFFFFFFF0) + b"x" * 64
+                    payload = (
+                        bytes([rng.choice([0x01, 0x04, 0x05])]) + b"\0" + struct.pack(">I", 0xFFFFFFF0) + b"x" * 64
+                    )
                 elif kind == "truncated":
                     payload = request[: rng.randrange(1, len(request))]
                 elif kind == "flood":
@@ -170,8 +176,10 @@ def test_fuzzing_does_not_disturb_a_well_behaved_peer(tmp_path: Path) -> None:
         assert echoscu(port).returncode == 0
     finally:
         node.kill()
-    print(f"\nwell-behaved peer: {calm:.1f} images/s calm, {busy:.1f} images/s under fuzzing "
-          f"(ratio {busy / calm:.2f}); outcomes calm {dict(calm_outcomes)}, busy {dict(busy_outcomes)}")
+    print(
+        f"\nwell-behaved peer: {calm:.1f} images/s calm, {busy:.1f} images/s under fuzzing "
+        f"(ratio {busy / calm:.2f}); outcomes calm {dict(calm_outcomes)}, busy {dict(busy_outcomes)}"
+    )
     print(f"fuzz cases: {sum(cases.values())} {dict(cases)}")
     print("fuzz outcomes: " + ", ".join(f"{k} x{v}" for k, v in sorted(fuzz_outcomes.items())))
     assert sum(cases.values()) >= 100

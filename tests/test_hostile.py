@@ -48,8 +48,9 @@ def test_hostile_corpus(tmp_path: Path) -> None:
         def well_behaved_peer() -> None:
             while not stop.is_set():
                 for path in good:
-                    good_results.append(send_raw(node.port, path, str(pydicom.dcmread(path).SOPClassUID),
-                                                 "1.2.840.10008.1.2.1"))
+                    good_results.append(
+                        send_raw(node.port, path, str(pydicom.dcmread(path).SOPClassUID), "1.2.840.10008.1.2.1")
+                    )
                 time.sleep(0.05)
 
         peer = threading.Thread(target=well_behaved_peer)
@@ -70,8 +71,11 @@ def test_hostile_corpus(tmp_path: Path) -> None:
             listed = json.loads(node.cli("jobs", "--json", "--limit", "1000").stdout)["jobs"]
             return {j["sop_instance_uid"]: j for j in listed}
 
-        wait_until(lambda: not any(j["state"] in unfinished for j in jobs().values()), timeout=180,
-                   what="every acknowledged job analysed")
+        wait_until(
+            lambda: not any(j["state"] in unfinished for j in jobs().values()),
+            timeout=180,
+            what="every acknowledged job analysed",
+        )
         table = jobs()
         assert node.process is not None and node.process.poll() is None  # still running
         assert echoscu(node.port).returncode == 0
@@ -83,8 +87,12 @@ def test_hostile_corpus(tmp_path: Path) -> None:
         job = table.get(item.sop_instance_uid)
         outcome = status if status != "0x0000" else (job["state"] if job else "acknowledged but no job!")
         report.append((item.name, item.expected, outcome, (job or {}).get("error")))
-    print("\n".join(f"{name:<45} expected {expected:<8} got {outcome:<8} {error or ''}"
-                    for name, expected, outcome, error in report))
+    print(
+        "\n".join(
+            f"{name:<45} expected {expected:<8} got {outcome:<8} {error or ''}"
+            for name, expected, outcome, error in report
+        )
+    )
     assert [(name, outcome) for name, _, outcome, _ in report] == [(name, exp) for name, exp, _, _ in report]
     for name, expected, _, error in report:
         if expected in ("failed", "skipped"):

@@ -17,8 +17,8 @@ from models.preprocess import check_image, normalize, to_network_input
 from models.severity import extent_score, lung_involvement
 from models.weights import load_network, save_network
 
-
 # -- severity -----------------------------------------------------------------------------------------------------------
+
 
 def test_severity_is_opacity_inside_lung_over_lung_area() -> None:
     right = np.zeros((10, 20), bool)
@@ -34,12 +34,15 @@ def test_severity_is_opacity_inside_lung_over_lung_area() -> None:
     assert (extent.right, extent.left, extent.total) == (3, 0, 3)
 
 
-@pytest.mark.parametrize("percent,score", [(0, 0), (0.01, 1), (24.9, 1), (25, 2), (49.9, 2), (50, 3), (75, 3), (75.1, 4), (100, 4)])
+@pytest.mark.parametrize(
+    "percent,score", [(0, 0), (0.01, 1), (24.9, 1), (25, 2), (49.9, 2), (50, 3), (75, 3), (75.1, 4), (100, 4)]
+)
 def test_extent_score_bands(percent: float, score: int) -> None:
     assert extent_score(percent) == score
 
 
 # -- RSNA layout ----------------------------------------------------------------------------------------------------------
+
 
 def write_labels(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "stage_2_train_labels.csv"
@@ -92,6 +95,7 @@ def test_ellipse_mask_fills_its_box() -> None:
 
 # -- lung masks ---------------------------------------------------------------------------------------------------------
 
+
 def test_split_puts_the_patients_right_lung_on_the_image_left() -> None:
     mask = np.zeros((40, 60), bool)
     mask[5:35, 5:25] = True
@@ -133,6 +137,7 @@ def test_montgomery_style_pairs() -> None:
 
 # -- preprocessing --------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "image,message",
     [
@@ -160,6 +165,7 @@ def test_normalisation_ignores_bit_depth() -> None:
 
 # -- networks and weights ----------------------------------------------------------------------------------------------
 
+
 def test_anchor_sizes_scale_with_the_input() -> None:
     assert default_anchor_sizes(256, 4) == (16, 32, 64, 128)
     assert default_anchor_sizes(512, 4) == (32, 64, 128, 256)
@@ -168,8 +174,9 @@ def test_anchor_sizes_scale_with_the_input() -> None:
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v3_large_fpn", "resnet18_fpn", "densenet121_fpn", "resnet50_fpn"])
 def test_every_backbone_builds_and_detects(backbone: str) -> None:
-    model = build_detector(DetectorConfig(backbone=backbone, input_size=128, fpn_channels=64,
-                                          box_head_size=128, mask_head_channels=64)).eval()
+    model = build_detector(
+        DetectorConfig(backbone=backbone, input_size=128, fpn_channels=64, box_head_size=128, mask_head_channels=64)
+    ).eval()
     with torch.inference_mode():
         out = model([torch.rand(3, 128, 96)])[0]
     assert set(out) == {"boxes", "labels", "scores", "masks"}

@@ -14,9 +14,8 @@ import pytest
 
 from conftest import free_port
 from dicom_peers import (
-    StoreSCP,
     SentImage,
-    echoscu,
+    StoreSCP,
     out_of_scope_files,
     require_dcmtk,
     running_node,
@@ -27,10 +26,10 @@ from dicom_peers import (
     wait_until,
 )
 from dicom_validation import assert_valid_dicom
-from result_checks import check_report, check_segmentation
 from models import Predictor
 from node.pixels import prepare
 from node.writers import pixel_spacing_mm
+from result_checks import check_report, check_segmentation
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +54,15 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[SentImage]:
     folder = tmp_path_factory.mktemp("images")
     made = []
     for index, (name, modality, photometric, bits, syntax) in enumerate(IN_SCOPE):
-        source = synthetic_file(folder, f"{name}-source", seed=100 + index, modality=modality,
-                                photometric=photometric, bits=bits, positive=index % 2 == 0)
+        source = synthetic_file(
+            folder,
+            f"{name}-source",
+            seed=100 + index,
+            modality=modality,
+            photometric=photometric,
+            bits=bits,
+            positive=index % 2 == 0,
+        )
         path = transcode(source, folder / f"{name}.dcm", syntax)
         source.unlink()
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -112,10 +118,16 @@ def test_end_to_end_with_dcmtk(images: list[SentImage], tmp_path: Path) -> None:
         source = pydicom.dcmread(image.path)
         finding = predictor.predict([prepare(source)])[0]
         objects = {ds.Modality: ds for ds in grouped[image.sop_instance_uid]}
-        seg_path = next(p for p in pacs.files() if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
-                        == objects["SEG"].SOPInstanceUID)
-        sr_path = next(p for p in pacs.files() if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
-                       == objects["SR"].SOPInstanceUID)
+        seg_path = next(
+            p
+            for p in pacs.files()
+            if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == objects["SEG"].SOPInstanceUID
+        )
+        sr_path = next(
+            p
+            for p in pacs.files()
+            if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == objects["SR"].SOPInstanceUID
+        )
         seg = hd.seg.segread(seg_path)
         sr = hd.sr.srread(sr_path)
         check_segmentation(source, finding, seg, predictor.model_version)
@@ -128,8 +140,10 @@ def test_output_profiles_per_destination(tmp_path: Path) -> None:
     images = [synthetic_file(tmp_path, f"p{i}", seed=900 + i, size=(420, 400), positive=True) for i in range(2)]
     pacs = StoreSCP("PACS", free_port(), tmp_path / "pacs").start()
     viewer = StoreSCP("OLDVIEWER", free_port(), tmp_path / "viewer").start()
-    extra = (f'[[peers]]\nname = "viewer"\nae_title = "OLDVIEWER"\nhost = "127.0.0.1"\nport = {viewer.port}\n'
-             'may_send = false\nobjects = ["GSPS", "SC"]\n')
+    extra = (
+        f'[[peers]]\nname = "viewer"\nae_title = "OLDVIEWER"\nhost = "127.0.0.1"\nport = {viewer.port}\n'
+        'may_send = false\nobjects = ["GSPS", "SC"]\n'
+    )
     try:
         with running_node(tmp_path, destination_port=pacs.port, objects=("SEG", "SR", "GSPS"), extra=extra) as node:
             config = node.config.read_text().replace('default = ["pacs"]', 'default = ["pacs", "viewer"]')

@@ -34,8 +34,12 @@ pytestmark = pytest.mark.slow
 def small_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     require_dcmtk()
     folder = tmp_path_factory.mktemp("small")
-    return [synthetic_file(folder, f"img{i}", seed=700 + i, size=(400, 380), positive=i % 3 == 0,
-                           modality="CR" if i % 2 else "DX") for i in range(8)]
+    return [
+        synthetic_file(
+            folder, f"img{i}", seed=700 + i, size=(400, 380), positive=i % 3 == 0, modality="CR" if i % 2 else "DX"
+        )
+        for i in range(8)
+    ]
 
 
 def jobs(node: NodeProcess) -> dict:
@@ -62,22 +66,33 @@ def test_sigkill_after_acknowledgement_loses_nothing(small_images: list[Path], t
     pacs_port = free_port()
     pacs = StoreSCP("PACS", pacs_port, tmp_path / "pacs")
     port = free_port()
-    config = write_config(tmp_path / "node.toml", port=port, data_dir=tmp_path / "data", destination_port=pacs_port,
-                          retry="retry_base_s = 0.5\nretry_factor = 1\nretry_max_delay_s = 0.5\nmax_attempts = 1000")
+    config = write_config(
+        tmp_path / "node.toml",
+        port=port,
+        data_dir=tmp_path / "data",
+        destination_port=pacs_port,
+        retry="retry_base_s = 0.5\nretry_factor = 1\nretry_max_delay_s = 0.5\nmax_attempts = 1000",
+    )
     node = NodeProcess(config, port, tmp_path / "node.log").start()
     first, second = small_images[:4], small_images[4:]
     assert storescu(port, first).returncode == 0
     node.kill()  # kill point 1: acknowledged, inference not finished
     node.start()
     assert storescu(port, second).returncode == 0
-    wait_until(lambda: all(j["state"] == "sending" for j in jobs(node)["jobs"]) and len(jobs(node)["jobs"]) == 8,
-               timeout=120, what="all results written and waiting for the destination")
+    wait_until(
+        lambda: all(j["state"] == "sending" for j in jobs(node)["jobs"]) and len(jobs(node)["jobs"]) == 8,
+        timeout=120,
+        what="all results written and waiting for the destination",
+    )
     node.kill()  # kill point 2: results written, destination down
     pacs.start()
     try:
         node.start()
-        wait_until(lambda: len(delivered_uids(pacs)) == 8 and all(len(v) == 2 for v in delivered_uids(pacs).values()),
-                   timeout=120, what="every result delivered")
+        wait_until(
+            lambda: len(delivered_uids(pacs)) == 8 and all(len(v) == 2 for v in delivered_uids(pacs).values()),
+            timeout=120,
+            what="every result delivered",
+        )
         wait_until(lambda: all(j["state"] == "done" for j in jobs(node)["jobs"]), timeout=30, what="jobs done")
         assert node.stop() == 0
     finally:
@@ -96,8 +111,11 @@ def test_destination_down_then_dead_then_resend(small_images: list[Path], tmp_pa
     images = small_images[:3]
     with running_node(tmp_path, destination_port=pacs.port) as node:  # 3 attempts, 0.5 s apart at most 2 s
         assert storescu(node.port, images).returncode == 0
-        wait_until(lambda: [j["state"] for j in jobs(node)["jobs"]] == ["dead"] * 3, timeout=120,
-                   what="jobs dead after max attempts")
+        wait_until(
+            lambda: [j["state"] for j in jobs(node)["jobs"]] == ["dead"] * 3,
+            timeout=120,
+            what="jobs dead after max attempts",
+        )
         dead = jobs(node)["jobs"]
         assert all(j["attempts"] == 3 and j["error"].startswith("pacs: association") for j in dead), dead
         pacs.start()
@@ -115,8 +133,13 @@ def test_destination_comes_back_before_max_attempts(small_images: list[Path], tm
     pacs_port = free_port()
     pacs = StoreSCP("PACS", pacs_port, tmp_path / "pacs")
     port = free_port()
-    config = write_config(tmp_path / "n.toml", port=port, data_dir=tmp_path / "d", destination_port=pacs_port,
-                          retry="retry_base_s = 0.5\nretry_factor = 2\nretry_max_delay_s = 1\nmax_attempts = 100")
+    config = write_config(
+        tmp_path / "n.toml",
+        port=port,
+        data_dir=tmp_path / "d",
+        destination_port=pacs_port,
+        retry="retry_base_s = 0.5\nretry_factor = 2\nretry_max_delay_s = 1\nmax_attempts = 100",
+    )
     node = NodeProcess(config, port, tmp_path / "n.log").start()
     try:
         assert storescu(port, small_images[:2]).returncode == 0
@@ -130,26 +153,32 @@ def test_destination_comes_back_before_max_attempts(small_images: list[Path], tm
 
 def test_association_policy_and_echo(tmp_path: Path) -> None:
     require_dcmtk()
-    peers = ('[[peers]]\nname = "modality"\nae_title = "MODALITY"\nhost = "127.0.0.1"\nport = 104\n'
-             'may_send = true\n')
+    peers = '[[peers]]\nname = "modality"\nae_title = "MODALITY"\nhost = "127.0.0.1"\nport = 104\nmay_send = true\n'
     with running_node(tmp_path, destination_port=None, extra="") as plain:
         assert echoscu(plain.port, calling="ANYONE").returncode == 0  # no peers declared: anyone may associate
         wrong_called = echoscu(plain.port, called="NOT_CXRNODE")
         assert wrong_called.returncode != 0 and "Called AE Title Not Recognized" in wrong_called.stderr
-        echo = subprocess.run([sys.executable, "-m", "node.cli", "echo", f"CXRNODE@127.0.0.1:{plain.port}"],
-                              capture_output=True, text=True, cwd=REPO)
+        echo = subprocess.run(
+            [sys.executable, "-m", "node.cli", "echo", f"CXRNODE@127.0.0.1:{plain.port}"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         assert echo.returncode == 0 and "success" in echo.stdout
     port = free_port()
-    config = write_config(tmp_path / "policy.toml", port=port, data_dir=tmp_path / "policy-data",
-                          destination_port=None)
+    config = write_config(tmp_path / "policy.toml", port=port, data_dir=tmp_path / "policy-data", destination_port=None)
     config.write_text(config.read_text() + "\n" + peers)
     node = NodeProcess(config, port, tmp_path / "policy.log").start()
     try:
         assert echoscu(port, calling="MODALITY").returncode == 0
         stranger = echoscu(port, calling="STRANGER")
         assert stranger.returncode != 0 and "Calling AE Title Not Recognized" in stranger.stderr
-        echo = subprocess.run([sys.executable, "-m", "node.cli", "echo", f"CXRNODE@127.0.0.1:{port}",
-                               "--calling-ae", "STRANGER"], capture_output=True, text=True, cwd=REPO)
+        echo = subprocess.run(
+            [sys.executable, "-m", "node.cli", "echo", f"CXRNODE@127.0.0.1:{port}", "--calling-ae", "STRANGER"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         assert echo.returncode == 1 and "rejected" in echo.stderr
         time.sleep(0.2)
         assert "association rejected from STRANGER" in (tmp_path / "policy.log").read_text()
@@ -164,8 +193,7 @@ def test_sighup_reloads_peers_without_dropping_associations(tmp_path: Path) -> N
 
     require_dcmtk()
     port = free_port()
-    config = write_config(tmp_path / "reload.toml", port=port, data_dir=tmp_path / "reload-data",
-                          destination_port=None)
+    config = write_config(tmp_path / "reload.toml", port=port, data_dir=tmp_path / "reload-data", destination_port=None)
     node = NodeProcess(config, port, tmp_path / "reload.log").start()
     try:
         ae = AE(ae_title="LONGLIVED")
@@ -173,8 +201,10 @@ def test_sighup_reloads_peers_without_dropping_associations(tmp_path: Path) -> N
         assoc = ae.associate("127.0.0.1", port, ae_title="CXRNODE")
         assert assoc.is_established
         assert echoscu(port, calling="STRANGER").returncode == 0  # no peers yet: anyone may call
-        config.write_text(config.read_text() + '\n[[peers]]\nname = "modality"\nae_title = "MODALITY"\n'
-                          'host = "127.0.0.1"\nport = 104\nmay_send = true\n')
+        config.write_text(
+            config.read_text() + '\n[[peers]]\nname = "modality"\nae_title = "MODALITY"\n'
+            'host = "127.0.0.1"\nport = 104\nmay_send = true\n'
+        )
         assert node.process is not None
         node.process.send_signal(signal.SIGHUP)
         wait_until(lambda: "reload: 1 peer(s)" in (tmp_path / "reload.log").read_text(), timeout=10, what="reload")
@@ -195,9 +225,11 @@ def test_source_address_per_peer(tmp_path: Path) -> None:
     require_dcmtk()
     port = free_port()
     config = write_config(tmp_path / "addr.toml", port=port, data_dir=tmp_path / "addr-data", destination_port=None)
-    config.write_text(config.read_text() + '\n[[peers]]\nname = "far"\nae_title = "FARAWAY"\nhost = "10.9.9.9"\n'
-                      'port = 104\naddresses = ["10.9.9.0/24"]\n\n[[peers]]\nname = "near"\nae_title = "NEARBY"\n'
-                      'host = "127.0.0.1"\nport = 104\naddresses = ["127.0.0.1"]\n')
+    config.write_text(
+        config.read_text() + '\n[[peers]]\nname = "far"\nae_title = "FARAWAY"\nhost = "10.9.9.9"\n'
+        'port = 104\naddresses = ["10.9.9.0/24"]\n\n[[peers]]\nname = "near"\nae_title = "NEARBY"\n'
+        'host = "127.0.0.1"\nport = 104\naddresses = ["127.0.0.1"]\n'
+    )
     node = NodeProcess(config, port, tmp_path / "addr.log").start()
     try:
         assert echoscu(port, calling="NEARBY").returncode == 0
@@ -223,16 +255,20 @@ def test_audit_answers_where_a_study_went(small_images: list[Path], tmp_path: Pa
             wait_until(lambda: [j["state"] for j in jobs(node)["jobs"]] == ["done"], timeout=60, what="done")
         finally:
             pacs.stop()
-        events = [json.loads(line) for line in (node.config.parent / "node-data" / "audit.jsonl").read_text()
-                  .splitlines()]
+        events = [
+            json.loads(line) for line in (node.config.parent / "node-data" / "audit.jsonl").read_text().splitlines()
+        ]
     about = [e for e in events if source.StudyInstanceUID in json.dumps(e) or source.SOPInstanceUID in json.dumps(e)]
     kinds = [(e["event"], e["outcome"] if "outcome" in e else e.get("action")) for e in about]
     assert ("instance", "received") in kinds
     assert ("delivery", "failed") in kinds and ("job", "dead") in kinds
     assert ("delivery", "delivered") in kinds
     delivered = next(e for e in about if e["event"] == "delivery" and e["outcome"] == "delivered")
-    assert delivered["destination"] == "pacs" and delivered["ae_title"] == "PACS" and set(delivered["results"]) == {
-        "SEG", "SR"}
+    assert (
+        delivered["destination"] == "pacs"
+        and delivered["ae_title"] == "PACS"
+        and set(delivered["results"]) == {"SEG", "SR"}
+    )
     assert any(e["event"] == "admin" and e["action"] == "resend" for e in events)
     text = json.dumps(events)
     assert str(source.PatientName) not in text and str(source.PatientID) not in text
@@ -244,12 +280,31 @@ def test_sigterm_finishes_the_transfer_in_flight(tmp_path: Path) -> None:
     config = write_config(tmp_path / "term.toml", port=port, data_dir=tmp_path / "term-data", destination_port=None)
     node = NodeProcess(config, port, tmp_path / "term.log").start()
     big = synthetic_file(tmp_path, "big", seed=424, size=(3000, 2800), bits=16)
-    transfer = subprocess.Popen(["storescu", "-v", "--max-send-pdu", "4096", "--aetitle", "MODALITY", "--call",
-                                 "CXRNODE", "127.0.0.1", str(port), str(big)], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+    transfer = subprocess.Popen(
+        [
+            "storescu",
+            "-v",
+            "--max-send-pdu",
+            "4096",
+            "--aetitle",
+            "MODALITY",
+            "--call",
+            "CXRNODE",
+            "127.0.0.1",
+            str(port),
+            str(big),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        wait_until(lambda: "association accepted from MODALITY" in node.log.read_text(), timeout=30,
-                   interval=0.02, what="the transfer to start")
+        wait_until(
+            lambda: "association accepted from MODALITY" in node.log.read_text(),
+            timeout=30,
+            interval=0.02,
+            what="the transfer to start",
+        )
         assert node.process is not None
         node.process.send_signal(signal.SIGTERM)
         output = transfer.communicate(timeout=120)[0]

@@ -28,16 +28,25 @@ class Orthanc:
 
     def start(self, cxrnode_port: int) -> Orthanc:
         configuration = {
-            "Name": "cxrnode-test", "StorageDirectory": str(self.folder / "storage"),
-            "IndexDirectory": str(self.folder / "index"), "HttpPort": self.http_port, "DicomPort": self.dicom_port,
-            "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "Name": "cxrnode-test",
+            "StorageDirectory": str(self.folder / "storage"),
+            "IndexDirectory": str(self.folder / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
             "DicomModalities": {"cxrnode": ["CXRNODE", "127.0.0.1", cxrnode_port]},
-            "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": True, "Plugins": [], "HttpServerEnabled": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": True,
+            "Plugins": [],
+            "HttpServerEnabled": True,
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(configuration, indent=2))
-        self.process = subprocess.Popen(["Orthanc", str(path)], stdout=open(self.folder / "orthanc.log", "wb"),
-                                        stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            ["Orthanc", str(path)], stdout=open(self.folder / "orthanc.log", "wb"), stderr=subprocess.STDOUT
+        )
         wait_for_port(self.http_port, 60, self.process)
         wait_for_port(self.dicom_port, 60, self.process)
         return self
@@ -61,10 +70,18 @@ def test_orthanc_round_trip(tmp_path: Path) -> None:
     orthanc_folder.mkdir()
     orthanc = Orthanc(orthanc_folder)
     node_port = free_port()
-    config = write_config(tmp_path / "node.toml", port=node_port, data_dir=tmp_path / "data",
-                          destination_port=orthanc.dicom_port, objects=("SEG", "SR", "GSPS"))
-    config.write_text(config.read_text().replace('ae_title = "PACS"', 'ae_title = "ORTHANC"')
-                      .replace("may_send = false", "may_send = true"))  # Orthanc both sends and receives
+    config = write_config(
+        tmp_path / "node.toml",
+        port=node_port,
+        data_dir=tmp_path / "data",
+        destination_port=orthanc.dicom_port,
+        objects=("SEG", "SR", "GSPS"),
+    )
+    config.write_text(
+        config.read_text()
+        .replace('ae_title = "PACS"', 'ae_title = "ORTHANC"')
+        .replace("may_send = false", "may_send = true")
+    )  # Orthanc both sends and receives
     node = NodeProcess(config, node_port, tmp_path / "node.log").start()
     orthanc.start(node_port)
     try:

@@ -21,8 +21,9 @@ def finding(shape: tuple[int, int], box: tuple[float, float, float, float]) -> F
     x0, y0, x1, y1 = (int(v) for v in box)
     mask[y0:y1, x0:x1] = True
     severity, extent = lung_involvement(mask, right, left)
-    return Finding(shape, (Opacity(box, 0.87, mask),), right, left, severity, extent, 0.87, True,
-                   Thresholds(0.5, 0.5, 0.5), "test")
+    return Finding(
+        shape, (Opacity(box, 0.87, mask),), right, left, severity, extent, 0.87, True, Thresholds(0.5, 0.5, 0.5), "test"
+    )
 
 
 def is_colour(pixel: np.ndarray, colour: tuple[int, int, int]) -> bool:

@@ -36,12 +36,55 @@ def cxrnode(*args: str) -> subprocess.CompletedProcess[str]:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("pipeline")
     dataset, weights = root / "data", root / "weights"
-    cxrnode("synth", str(dataset), "--n", "12", "--seed", "5", "--min-size", "96", "--max-size", "160",
-            "--positive-fraction", "0.5")
-    cxrnode("train", str(dataset), "--out", str(weights), *TINY_DETECTOR, "--lr-schedule", "0.001:1",
-            "--max-iters", "2", "--batch-size", "2", "--workers", "0", "--val-fraction", "0.3", "--no-progress")
-    cxrnode("train-lungs", str(dataset), "--out", str(weights), "--input-size", "64", "--lr-schedule", "0.001:1",
-            "--max-iters", "2", "--batch-size", "2", "--workers", "0", "--no-progress")
+    cxrnode(
+        "synth",
+        str(dataset),
+        "--n",
+        "12",
+        "--seed",
+        "5",
+        "--min-size",
+        "96",
+        "--max-size",
+        "160",
+        "--positive-fraction",
+        "0.5",
+    )
+    cxrnode(
+        "train",
+        str(dataset),
+        "--out",
+        str(weights),
+        *TINY_DETECTOR,
+        "--lr-schedule",
+        "0.001:1",
+        "--max-iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--val-fraction",
+        "0.3",
+        "--no-progress",
+    )
+    cxrnode(
+        "train-lungs",
+        str(dataset),
+        "--out",
+        str(weights),
+        "--input-size",
+        "64",
+        "--lr-schedule",
+        "0.001:1",
+        "--max-iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     return dataset, weights
 
 
@@ -57,9 +100,26 @@ def test_training_writes_verified_weights(trained: tuple[Path, Path]) -> None:
 
 def test_resume_continues_after_the_last_epoch(trained: tuple[Path, Path]) -> None:
     dataset, weights = trained
-    cxrnode("train", str(dataset), "--out", str(weights), *TINY_DETECTOR, "--lr-schedule", "0.001:2",
-            "--max-iters", "1", "--batch-size", "2", "--workers", "0", "--val-fraction", "0.3", "--no-progress",
-            "--resume", str(weights / "checkpoint-detector.pt"))
+    cxrnode(
+        "train",
+        str(dataset),
+        "--out",
+        str(weights),
+        *TINY_DETECTOR,
+        "--lr-schedule",
+        "0.001:2",
+        "--max-iters",
+        "1",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--val-fraction",
+        "0.3",
+        "--no-progress",
+        "--resume",
+        str(weights / "checkpoint-detector.pt"),
+    )
     history = json.loads((weights / "manifest.json").read_text())["detector"]["history"]
     assert [h["epoch"] for h in history] == [1, 2]
 

@@ -14,8 +14,19 @@ from node.spool import Spool, SpoolError, safe_uid, write_durably
 
 
 def new_job(uid: str, state: JobState = JobState.RECEIVED) -> NewJob:
-    return NewJob(uid, "1.2.840.10008.5.1.4.1.1.1", "1.2.3", "1.2.3.4", "1.2.840.10008.1.2.1", "MOD", "CXRNODE",
-                  "127.0.0.1", f"spool/{uid}.dcm", state, None if state is JobState.RECEIVED else "lateral")
+    return NewJob(
+        uid,
+        "1.2.840.10008.5.1.4.1.1.1",
+        "1.2.3",
+        "1.2.3.4",
+        "1.2.840.10008.1.2.1",
+        "MOD",
+        "CXRNODE",
+        "127.0.0.1",
+        f"spool/{uid}.dcm",
+        state,
+        None if state is JobState.RECEIVED else "lateral",
+    )
 
 
 def test_wal_and_full_sync(tmp_path: Path) -> None:

@@ -25,8 +25,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 32 MB tmpfs, or skip where mounting is not allowed."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -100,8 +101,11 @@ def test_per_peer_association_limit_and_object_size(tmp_path: Path) -> None:
     require_dcmtk()
     port = free_port()
     config = write_config(tmp_path / "limits.toml", port=port, data_dir=tmp_path / "data")
-    config.write_text(config.read_text().replace(
-        "[node]\n", "[node]\nmax_associations_per_peer = 2\nmax_object_mb = 1\nmin_free_mb = 0\n"))
+    config.write_text(
+        config.read_text().replace(
+            "[node]\n", "[node]\nmax_associations_per_peer = 2\nmax_object_mb = 1\nmin_free_mb = 0\n"
+        )
+    )
     node = NodeProcess(config, port, tmp_path / "limits.log").start()
     held = []
     try:

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_validation import assert_valid_dicom
 from PIL import Image
 from scipy import ndimage
 
+from dicom_validation import assert_valid_dicom
 from models import synth
 from models.severity import lung_involvement
 
@@ -114,8 +114,15 @@ def test_boxes_masks_and_severity_agree(dataset: Path) -> None:
         if row[5] == "1":
             boxes[row[0]].append(tuple(int(float(v)) for v in row[1:5]))  # type: ignore[arg-type]
     header, severity_rows = _rows(dataset / "severity.csv")
-    assert header == ["patientId", "severity_right", "severity_left", "severity_total",
-                      "extent_right", "extent_left", "extent_total"]
+    assert header == [
+        "patientId",
+        "severity_right",
+        "severity_left",
+        "severity_total",
+        "extent_right",
+        "extent_left",
+        "extent_total",
+    ]
     severity = {row[0]: row[1:] for row in severity_rows}
     assert set(severity) == set(boxes)
 
@@ -165,8 +172,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes(dataset: Path, tmp_path: Pa
     assert again.keys() == first.keys()
     assert [name for name in first if first[name] != again[name]] == []
     other = _files(_generate(tmp_path, seed=8))
-    assert set(other).isdisjoint(set(first) - {"dataset.json", "severity.csv", "stage_2_train_labels.csv",
-                                              "stage_2_detailed_class_info.csv"}), "patientIds depend on the seed"
+    assert set(other).isdisjoint(
+        set(first) - {"dataset.json", "severity.csv", "stage_2_train_labels.csv", "stage_2_detailed_class_info.csv"}
+    ), "patientIds depend on the seed"
     assert other["stage_2_train_labels.csv"] != first["stage_2_train_labels.csv"]
 
 
@@ -271,7 +279,9 @@ def test_dataset_files_pass_dciodvfy(dataset: Path) -> None:
 def test_header_keywords_override(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     r = synth.make_radiograph(rng, 64, 64, positive=False)
-    ds = synth.make_dataset(r, patient_id="p1", modality="DX", rng=rng, PatientName="SYNTH^TEST", SOPInstanceUID="1.2.3")
+    ds = synth.make_dataset(
+        r, patient_id="p1", modality="DX", rng=rng, PatientName="SYNTH^TEST", SOPInstanceUID="1.2.3"
+    )
     assert ds.PatientName == "SYNTH^TEST" and ds.file_meta.MediaStorageSOPInstanceUID == "1.2.3"
 
 
@@ -329,14 +339,31 @@ def test_box_sizes_follow_the_rsna_distribution() -> None:
 
 
 def test_main_and_python_m(tmp_path: Path) -> None:
-    args = synth.get_args_parser().parse_args([str(tmp_path / "a"), "--n", "2", "--seed", "3",
-                                               "--min-size", "64", "--max-size", "96"])
+    args = synth.get_args_parser().parse_args(
+        [str(tmp_path / "a"), "--n", "2", "--seed", "3", "--min-size", "64", "--max-size", "96"]
+    )
     assert synth.main(args) == 0
     assert synth.main(args) == 2, "a second run into the same folder is refused"
     completed = subprocess.run(
-        [sys.executable, "-m", "models.synth", str(tmp_path / "b"), "--n", "2", "--seed", "3",
-         "--min-size", "64", "--max-size", "96"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "models.synth",
+            str(tmp_path / "b"),
+            "--n",
+            "2",
+            "--seed",
+            "3",
+            "--min-size",
+            "64",
+            "--max-size",
+            "96",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr
     assert _files(tmp_path / "a") == _files(tmp_path / "b")

@@ -21,16 +21,42 @@ def openssl(*args: str) -> None:
 
 def make_ca(folder: Path, name: str) -> tuple[Path, Path]:
     key, cert = folder / f"{name}.key", folder / f"{name}.crt"
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
-            "-subj", f"/CN={name}")
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+    )
     return key, cert
 
 
 def make_certificate(folder: Path, name: str, ca: tuple[Path, Path]) -> tuple[Path, Path]:
     key, request, cert = folder / f"{name}.key", folder / f"{name}.csr", folder / f"{name}.crt"
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(request), "-subj", f"/CN={name}")
-    openssl("x509", "-req", "-in", str(request), "-CA", str(ca[1]), "-CAkey", str(ca[0]), "-CAcreateserial",
-            "-out", str(cert), "-days", "2")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(request),
+        "-CA",
+        str(ca[1]),
+        "-CAkey",
+        str(ca[0]),
+        "-CAcreateserial",
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+    )
     return key, cert
 
 
@@ -52,9 +78,26 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pa
 
 def storescu_tls(port: int, files: list[Path], key: Path, cert: Path, ca: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["storescu", "+tls", str(key), str(cert), "+cf", str(ca), "-rc", "-xs", "--aetitle", "MODALITY", "--call",
-         "CXRNODE", "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True, text=True, timeout=120,
+        [
+            "storescu",
+            "+tls",
+            str(key),
+            str(cert),
+            "+cf",
+            str(ca),
+            "-rc",
+            "-xs",
+            "--aetitle",
+            "MODALITY",
+            "--call",
+            "CXRNODE",
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -62,15 +105,21 @@ def test_tls_round_trip_with_dcmtk(certificates: dict[str, tuple[Path, Path]], t
     require_dcmtk()
     ca = certificates["ca"][1]
     pacs_key, pacs_cert = certificates["pacs"]
-    pacs = StoreSCP("PACS", free_port(), tmp_path / "pacs",
-                    options=("+tls", str(pacs_key), str(pacs_cert), "+cf", str(ca), "-rc"))
+    pacs = StoreSCP(
+        "PACS", free_port(), tmp_path / "pacs", options=("+tls", str(pacs_key), str(pacs_cert), "+cf", str(ca), "-rc")
+    )
     pacs_port = pacs.port
     node_key, node_cert = certificates["node"]
     port = free_port()
     config = write_config(
-        tmp_path / "tls.toml", port=port, data_dir=tmp_path / "data", destination_port=pacs_port,
-        extra=(f'[tls]\nenabled = true\ncertificate = "{node_cert}"\nprivate_key = "{node_key}"\n'
-               f'ca_certificates = "{ca}"\nrequire_client_certificate = true\n'),
+        tmp_path / "tls.toml",
+        port=port,
+        data_dir=tmp_path / "data",
+        destination_port=pacs_port,
+        extra=(
+            f'[tls]\nenabled = true\ncertificate = "{node_cert}"\nprivate_key = "{node_key}"\n'
+            f'ca_certificates = "{ca}"\nrequire_client_certificate = true\n'
+        ),
     )
     config.write_text(config.read_text().replace("may_send = false\n", "may_send = false\ntls = true\n"))
     node = NodeProcess(config, port, tmp_path / "node.log").start()
@@ -85,8 +134,12 @@ def test_tls_round_trip_with_dcmtk(certificates: dict[str, tuple[Path, Path]], t
         stranger_key, stranger_cert = certificates["stranger"]
         refused = storescu_tls(port, [image], stranger_key, stranger_cert, ca)
         assert refused.returncode != 0  # the node does not trust the stranger's CA
-        plain = subprocess.run(["storescu", "--aetitle", "MODALITY", "--call", "CXRNODE", "127.0.0.1", str(port),
-                                str(image)], capture_output=True, text=True, timeout=60)
+        plain = subprocess.run(
+            ["storescu", "--aetitle", "MODALITY", "--call", "CXRNODE", "127.0.0.1", str(port), str(image)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert plain.returncode != 0  # no TLS, no association
         assert "association accepted from MODALITY" in node.log.read_text()
     finally:

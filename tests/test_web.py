@@ -41,10 +41,13 @@ def node(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
     require_dcmtk()
     folder = tmp_path_factory.mktemp("web")
     port, http_port = free_port(), free_port()
-    config = write_config(folder / "web.toml", port=port, data_dir=folder / "data", http_port=http_port,
-                          extra=f'token = "{TOKEN}"\n')  # appended to the [http] table
-    config.write_text(config.read_text() + '\n[[peers]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
-                      'port = 11999\nmay_send = false\n')
+    config = write_config(
+        folder / "web.toml", port=port, data_dir=folder / "data", http_port=http_port, extra=f'token = "{TOKEN}"\n'
+    )  # appended to the [http] table
+    config.write_text(
+        config.read_text() + '\n[[peers]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+        "port = 11999\nmay_send = false\n"
+    )
     node = NodeProcess(config, port, folder / "web.log").start()
     images = [synthetic_file(folder, f"w{i}", seed=7100 + i, size=(300, 280), positive=True) for i in range(2)]
     lateral = synthetic_file(folder, "lat", seed=7200, size=(300, 280))
@@ -55,8 +58,11 @@ def node(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
     ds.save_as(lateral)
     assert storescu(port, images + [lateral]).returncode == 0
     base = f"http://127.0.0.1:{http_port}"
-    wait_until(lambda: metric(get(f"{base}/metrics", TOKEN)[1].decode(), "cxrnode_images_processed_total") == 2,
-               timeout=120, what="two images processed")
+    wait_until(
+        lambda: metric(get(f"{base}/metrics", TOKEN)[1].decode(), "cxrnode_images_processed_total") == 2,
+        timeout=120,
+        what="two images processed",
+    )
     yield node, base
     node.kill()
 
@@ -97,9 +103,18 @@ def test_status_page_in_a_real_browser(node, tmp_path: Path) -> None:  # type: i
     assert get(f"{base}/")[0] == 401
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(flag)
     browser = webdriver.Chrome(service=Service(driver), options=options)
     try:
@@ -111,8 +126,10 @@ def test_status_page_in_a_real_browser(node, tmp_path: Path) -> None:  # type: i
         assert "PACS" in browser.find_element(By.ID, "peers").text
         thumbnails = browser.find_elements(By.CSS_SELECTOR, "#jobs img")
         assert len(thumbnails) == 2
-        assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", t) > 0
-                   for t in thumbnails)  # the overlay pictures loaded
+        assert all(
+            browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", t) > 0
+            for t in thumbnails
+        )  # the overlay pictures loaded
         boxes = [t.rect for t in thumbnails]
         shot = Path(os.environ.get("CXRNODE_SCREENSHOT", tmp_path / "status.png"))
         browser.save_screenshot(str(shot))

@@ -15,18 +15,17 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from dicom_validation import assert_valid_dicom, dciodvfy_available, dciodvfy_report
-from result_checks import check_report, check_segmentation
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes as pydicom_codes
-from pydicom.uid import ExplicitVRLittleEndian, UID
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from dicom_validation import assert_valid_dicom, dciodvfy_available, dciodvfy_report
 from models.finding import Finding, Opacity, Thresholds
 from models.severity import lung_involvement
 from node.writers import SourceImageError, pixel_spacing_mm, source_header, uids
-from node.writers import codes as writer_codes
-from node.writers.seg import LEFT_LUNG_SEGMENT, OPACITY_SEGMENT, RIGHT_LUNG_SEGMENT, segmentation
-from node.writers.sr import box_polyline, measurement_report
+from node.writers.seg import segmentation
+from node.writers.sr import measurement_report
+from result_checks import check_report, check_segmentation
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -214,14 +213,25 @@ def synthetic_cases() -> list[Case]:
         Case("dx-presentation-3", make_source(DX_PRESENTATION, number=3), 3, (0.2 / 1.25, 0.25 / 1.25)),
         Case(
             "dx-processing-mono1-2",
-            make_source(DX_PROCESSING, photometric="MONOCHROME1", magnification=False, frame_of_reference=True,
-                        bits_stored=14, number=4),
+            make_source(
+                DX_PROCESSING,
+                photometric="MONOCHROME1",
+                magnification=False,
+                frame_of_reference=True,
+                bits_stored=14,
+                number=4,
+            ),
             2,
             (0.2, 0.25),
         ),
         Case("sc-8bit-no-spacing-1", make_source(SC, bits_stored=8, spacing=False, number=5), 1, None),
-        Case("sc-mono1-spacing-3-bilateral", make_source(SC, photometric="MONOCHROME1", number=6), 3, (0.3, 0.3),
-             bilateral=True),
+        Case(
+            "sc-mono1-spacing-3-bilateral",
+            make_source(SC, photometric="MONOCHROME1", number=6),
+            3,
+            (0.3, 0.3),
+            bilateral=True,
+        ),
     ]
 
 
@@ -260,8 +270,18 @@ def check_identity(source: Dataset, seg: Dataset, sr: Dataset) -> None:
     assert sr.SeriesInstanceUID == uids.result_series_uid(source.StudyInstanceUID, MODEL_VERSION, "sr")
     assert seg.SeriesInstanceUID not in (source.SeriesInstanceUID, sr.SeriesInstanceUID)
     for result in (seg, sr):
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-                        "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName"):
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "StudyInstanceUID",
+            "StudyDate",
+            "StudyTime",
+            "AccessionNumber",
+            "StudyID",
+            "ReferringPhysicianName",
+        ):
             assert result.get(keyword) == source.get(keyword), keyword
         assert result.ContentDate == "20240506" and result.ContentTime.startswith("070809")
     assert seg.Modality == "SEG" and sr.Modality == "SR"
@@ -310,9 +330,23 @@ def test_sparse_source_gives_valid_results(tmp_path: Path) -> None:
     results: the Type 2 attributes the results need are written empty."""
     full = make_source(SC, spacing=False, number=7)
     source = Dataset()
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-                    "ConversionType", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
-                    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PixelData"):
+    for keyword in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "ConversionType",
+        "Rows",
+        "Columns",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "PixelData",
+    ):
         setattr(source, keyword, full[keyword].value)
     source.file_meta = full.file_meta
     finding = make_finding((int(source.Rows), int(source.Columns)), 1)
@@ -320,7 +354,9 @@ def test_sparse_source_gives_valid_results(tmp_path: Path) -> None:
     for path in (seg_path, sr_path):
         assert_valid_dicom(path, allowed_warnings=(*ALLOWED_WARNINGS, "needed to build DICOMDIR"))
         result = pydicom.dcmread(path)
-        assert result.PatientID == "" and result.PatientName == "" and result.StudyInstanceUID == source.StudyInstanceUID
+        assert (
+            result.PatientID == "" and result.PatientName == "" and result.StudyInstanceUID == source.StudyInstanceUID
+        )
     assert hd.seg.segread(seg_path).PatientOrientation == ""
 
 

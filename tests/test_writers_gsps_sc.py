@@ -16,21 +16,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_validation import assert_valid_dicom
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from scipy import ndimage
-from test_writers import (
-    ALLOWED_WARNINGS,
-    CR,
-    DX_PRESENTATION,
-    DX_PROCESSING,
-    REAL_CXR_FILES,
-    SC,
-    make_finding,
-    make_source,
-)
 
+from dicom_validation import assert_valid_dicom
 from models.finding import Finding
 from node.overlay import BOX_COLOUR
 from node.pixels import prepare
@@ -46,6 +36,16 @@ from node.writers.gsps import (
 )
 from node.writers.sc import burned_in_capture
 from node.writers.sr import box_polyline
+from test_writers import (
+    ALLOWED_WARNINGS,
+    CR,
+    DX_PRESENTATION,
+    DX_PROCESSING,
+    REAL_CXR_FILES,
+    SC,
+    make_finding,
+    make_source,
+)
 
 CONTENT_DATETIME = datetime.datetime(2024, 5, 6, 7, 8, 9, 123456)
 
@@ -82,18 +82,36 @@ class Case:
 
 CASES = [
     Case("cr-no-window-0", make_source(CR, number=11), 0, ([2048.0], [4096.0])),
-    Case("cr-two-windows-1",
-         with_window(make_source(CR, number=12), [1500.0, 2500.0], [2000.0, 1000.0], ["LUNG", "BONE"]),
-         1, ([1500.0], [2000.0])),  # one window per image in a GSPS (PS3.3 C.11.8): the first
+    Case(
+        "cr-two-windows-1",
+        with_window(make_source(CR, number=12), [1500.0, 2500.0], [2000.0, 1000.0], ["LUNG", "BONE"]),
+        1,
+        ([1500.0], [2000.0]),
+    ),  # one window per image in a GSPS (PS3.3 C.11.8): the first
     Case("dx-presentation-window-3", make_source(DX_PRESENTATION, number=13), 3, ([2048.0], [4096.0])),
-    Case("dx-processing-mono1-voi-lut-and-window-2",  # the LUT wins, as in models.data.dicom
-         with_voi_lut(with_window(make_source(DX_PROCESSING, photometric="MONOCHROME1", bits_stored=14,
-                                              frame_of_reference=True, number=14), [5000.0], [9000.0], ["SOFT"])),
-         2, None),
+    Case(
+        "dx-processing-mono1-voi-lut-and-window-2",  # the LUT wins, as in models.data.dicom
+        with_voi_lut(
+            with_window(
+                make_source(
+                    DX_PROCESSING, photometric="MONOCHROME1", bits_stored=14, frame_of_reference=True, number=14
+                ),
+                [5000.0],
+                [9000.0],
+                ["SOFT"],
+            )
+        ),
+        2,
+        None,
+    ),
     Case("sc-8bit-no-window-1", make_source(SC, bits_stored=8, spacing=False, number=15), 1, ([128.0], [256.0])),
-    Case("sc-mono1-window-3-bilateral",
-         with_window(make_source(SC, photometric="MONOCHROME1", number=16), [1800.0], [3000.0], ["CHEST"]),
-         3, ([1800.0], [3000.0]), bilateral=True),
+    Case(
+        "sc-mono1-window-3-bilateral",
+        with_window(make_source(SC, photometric="MONOCHROME1", number=16), [1800.0], [3000.0], ["CHEST"]),
+        3,
+        ([1800.0], [3000.0]),
+        bilateral=True,
+    ),
 ]
 
 
@@ -108,8 +126,12 @@ def write(dataset: Dataset, path: Path) -> Path:
 
 def layer_objects(gsps: Dataset, layer: str, kind: str) -> list[Dataset]:
     """The graphic ("GraphicObjectSequence") or text ("TextObjectSequence") objects of one layer."""
-    return [obj for annotation in gsps.GraphicAnnotationSequence if annotation.GraphicLayer == layer
-            for obj in annotation.get(kind, [])]
+    return [
+        obj
+        for annotation in gsps.GraphicAnnotationSequence
+        if annotation.GraphicLayer == layer
+        for obj in annotation.get(kind, [])
+    ]
 
 
 def boundary_pixel_centres(mask: np.ndarray) -> np.ndarray:
@@ -135,27 +157,32 @@ def rasterize(polyline: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 # --- GSPS ----------------------------------------------------------------------------------------------------------
 
 
-def check_presentation_state(source: Dataset, finding: Finding, path: Path,
-                             window: tuple[list[float], list[float]] | None) -> Dataset:
+def check_presentation_state(
+    source: Dataset, finding: Finding, path: Path, window: tuple[list[float], list[float]] | None
+) -> Dataset:
     assert_valid_dicom(path, allowed_warnings=ALLOWED_WARNINGS)
     gsps = pydicom.dcmread(path)
     assert gsps.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1" and gsps.Modality == "PR"
     assert gsps.SOPInstanceUID == uids.result_uid(source.SOPInstanceUID, finding.model_version, "gsps")
     assert gsps.SeriesInstanceUID == uids.result_series_uid(source.StudyInstanceUID, finding.model_version, "gsps")
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
-                    "AccessionNumber"):
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyID",
+        "AccessionNumber",
+    ):
         assert gsps.get(keyword) == source.get(keyword), keyword
     assert gsps.PresentationCreationDate == "20240506" and gsps.PresentationCreationTime.startswith("070809")
 
     (series,) = gsps.ReferencedSeriesSequence
     assert series.SeriesInstanceUID == source.SeriesInstanceUID
     (image,) = series.ReferencedImageSequence
-    assert (image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID) == (source.SOPClassUID,
-                                                                             source.SOPInstanceUID)
+    assert (image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID) == (source.SOPClassUID, source.SOPInstanceUID)
     for annotation in gsps.GraphicAnnotationSequence:
-        assert [item.ReferencedSOPInstanceUID for item in annotation.ReferencedImageSequence] == [
-            source.SOPInstanceUID
-        ]
+        assert [item.ReferencedSOPInstanceUID for item in annotation.ReferencedImageSequence] == [source.SOPInstanceUID]
     assert [a.GraphicLayer for a in gsps.GraphicAnnotationSequence] == [
         layer.GraphicLayer for layer in gsps.GraphicLayerSequence
     ]
@@ -166,11 +193,13 @@ def check_presentation_state(source: Dataset, finding: Finding, path: Path,
     for number, (box, opacity) in enumerate(zip(boxes, finding.opacities, strict=True), start=1):
         assert box.GraphicType == "POLYLINE" and box.GraphicAnnotationUnits == "PIXEL"
         assert box.NumberOfGraphicPoints == 5 and box.GraphicFilled == "N"
-        np.testing.assert_array_equal(np.reshape(box.GraphicData, (-1, 2)),
-                                      box_polyline(opacity.box).astype(np.float32))
+        np.testing.assert_array_equal(
+            np.reshape(box.GraphicData, (-1, 2)), box_polyline(opacity.box).astype(np.float32)
+        )
         assert box.TrackingID == f"Lung opacity {number}"
-        assert box.TrackingUID == uids.tracking_uid(source.SOPInstanceUID, finding.model_version,
-                                                    f"sr/opacity-{number}")
+        assert box.TrackingUID == uids.tracking_uid(
+            source.SOPInstanceUID, finding.model_version, f"sr/opacity-{number}"
+        )
 
     # One closed POLYLINE per 8-connected component of the opacity mask, every vertex on its edge.
     mask = finding.opacity_mask
@@ -195,8 +224,13 @@ def check_presentation_state(source: Dataset, finding: Finding, path: Path,
         assert 0 <= left < right <= source.Columns and 0 <= top < bottom <= source.Rows
     summary = layer_objects(gsps, SUMMARY_LAYER, "TextObjectSequence")[0].UnformattedTextValue
     severity, extent = finding.severity, finding.extent
-    for number in (f"p={finding.opacity_probability:.2f}", f"severity {severity.total:.1f}%",
-                   f"R {severity.right:.1f}%", f"L {severity.left:.1f}%", f"extent {extent.total}/8"):
+    for number in (
+        f"p={finding.opacity_probability:.2f}",
+        f"severity {severity.total:.1f}%",
+        f"R {severity.right:.1f}%",
+        f"L {severity.left:.1f}%",
+        f"extent {extent.total}/8",
+    ):
         assert number in summary, (number, summary)
     assert ("present" if finding.opacity_present else "absent") in summary
 
@@ -240,8 +274,10 @@ def test_dcmtk_shows_the_image_through_the_gsps_as_without_it(case: Case, tmp_pa
         voi = ["+Wi", "1"]
     else:
         voi = []  # DCMTK's default without VOI: the full range, as the GSPS says
-    for command in (["dcmp2pgm", "-p", gsps_path, source_path, tmp_path / "through-gsps.pgm"],
-                    ["dcmj2pnm", *voi, source_path, tmp_path / "image.pgm"]):
+    for command in (
+        ["dcmp2pgm", "-p", gsps_path, source_path, tmp_path / "through-gsps.pgm"],
+        ["dcmj2pnm", *voi, source_path, tmp_path / "image.pgm"],
+    ):
         completed = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=60, check=False)
         assert completed.returncode == 0, completed.stdout + completed.stderr
     through_gsps = np.asarray(Image.open(tmp_path / "through-gsps.pgm"), dtype=np.int16)
@@ -266,9 +302,21 @@ def test_presentation_state_of_a_sparse_source(tmp_path: Path) -> None:
     """Only Type 1 attributes: no Body Part Examined (CHEST is assumed), no window, no Patient's Name."""
     full = make_source(CR, number=17)
     source = Dataset()
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Rows",
-                    "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
-                    "HighBit", "PixelRepresentation"):
+    for keyword in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "Rows",
+        "Columns",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+    ):
         setattr(source, keyword, full[keyword].value)
     finding = make_finding(shape_of(source), 1)
     path = write(presentation_state(source, finding, content_datetime=CONTENT_DATETIME), tmp_path / "gsps.dcm")
@@ -283,8 +331,10 @@ def test_given_window_and_aspect_ratio(tmp_path: Path) -> None:
     path = write(gsps, tmp_path / "gsps.dcm")
     assert_valid_dicom(path, allowed_warnings=ALLOWED_WARNINGS)
     written = pydicom.dcmread(path)
-    assert (float(written.SoftcopyVOILUTSequence[0].WindowCenter),
-            float(written.SoftcopyVOILUTSequence[0].WindowWidth)) == (900.0, 1200.0)
+    assert (
+        float(written.SoftcopyVOILUTSequence[0].WindowCenter),
+        float(written.SoftcopyVOILUTSequence[0].WindowWidth),
+    ) == (900.0, 1200.0)
     assert list(written.DisplayedAreaSelectionSequence[0].PresentationPixelAspectRatio) == [4, 5]
     with pytest.raises(ValueError, match='"window"'):
         presentation_state(source, finding, window=(900.0, 0.0))
@@ -296,8 +346,9 @@ def test_same_input_gives_identical_gsps_and_sc(tmp_path: Path) -> None:
     pixels = np.random.default_rng(0).random(shape_of(source)).astype(np.float32)
     for name in ("first", "second"):
         write(presentation_state(source, finding, content_datetime=CONTENT_DATETIME), tmp_path / f"{name}.pr.dcm")
-        write(burned_in_capture(source, pixels, finding, content_datetime=CONTENT_DATETIME),
-              tmp_path / f"{name}.sc.dcm")
+        write(
+            burned_in_capture(source, pixels, finding, content_datetime=CONTENT_DATETIME), tmp_path / f"{name}.sc.dcm"
+        )
     for suffix in (".pr.dcm", ".sc.dcm"):
         assert (tmp_path / f"first{suffix}").read_bytes() == (tmp_path / f"second{suffix}").read_bytes(), suffix
     # And without a fixed clock, still the same UIDs.

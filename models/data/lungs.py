@@ -61,8 +61,9 @@ def read_pairs(folder: Path) -> list[LungPair]:
         masks = {p.name: p for p in (folder / "masks").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
         unmatched = sorted(set(images) ^ set(masks))
         if unmatched:
-            raise DatasetError(f"{folder}: {len(unmatched)} file(s) without a partner in images/ or masks/, "
-                               f"e.g. {unmatched[0]}")
+            raise DatasetError(
+                f"{folder}: {len(unmatched)} file(s) without a partner in images/ or masks/, e.g. {unmatched[0]}"
+            )
         pairs = [LungPair(n, images[n], masks[n], views.get(n, "")) for n in sorted(images)]
     else:
         for mask in sorted(folder.iterdir()):

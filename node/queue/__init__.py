@@ -112,7 +112,12 @@ class Queue(Protocol):
         """Jobs in `sending` whose next attempt is due, oldest first."""
 
     def record_attempt(
-        self, job_id: int, *, delivered: Sequence[str], error: str | None, next_attempt_at: float,
+        self,
+        job_id: int,
+        *,
+        delivered: Sequence[str],
+        error: str | None,
+        next_attempt_at: float,
         state: JobState,
     ) -> None:
         """After a delivery attempt: the destinations done so far, the error if any, the next try, the new state."""

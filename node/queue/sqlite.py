@@ -115,9 +115,21 @@ class SQLiteQueue:
                 "INSERT INTO jobs (sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid,"
                 " transfer_syntax_uid, calling_ae, called_ae, peer_address, spool_path, state, error,"
                 " received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (job.sop_instance_uid, job.sop_class_uid, job.study_instance_uid, job.series_instance_uid,
-                 job.transfer_syntax_uid, job.calling_ae, job.called_ae, job.peer_address, job.spool_path,
-                 job.state.value, job.error, now, now),
+                (
+                    job.sop_instance_uid,
+                    job.sop_class_uid,
+                    job.study_instance_uid,
+                    job.series_instance_uid,
+                    job.transfer_syntax_uid,
+                    job.calling_ae,
+                    job.called_ae,
+                    job.peer_address,
+                    job.spool_path,
+                    job.state.value,
+                    job.error,
+                    now,
+                    now,
+                ),
             )
             return int(cursor.lastrowid or 0), True
 
@@ -165,15 +177,27 @@ class SQLiteQueue:
         return float(value) if value is not None else None
 
     def record_attempt(
-        self, job_id: int, *, delivered: Sequence[str], error: str | None, next_attempt_at: float,
+        self,
+        job_id: int,
+        *,
+        delivered: Sequence[str],
+        error: str | None,
+        next_attempt_at: float,
         state: JobState,
     ) -> None:
         with self._transaction() as db:
             db.execute(
                 "UPDATE jobs SET delivered = ?, error = ?, next_attempt_at = ?, state = ?,"
                 " attempts = attempts + ?, updated_at = ? WHERE id = ?",
-                (json.dumps(sorted(delivered)), error, next_attempt_at, state.value, 1 if error else 0,
-                 time.time(), job_id),
+                (
+                    json.dumps(sorted(delivered)),
+                    error,
+                    next_attempt_at,
+                    state.value,
+                    1 if error else 0,
+                    time.time(),
+                    job_id,
+                ),
             )
 
     def add_timing(self, job_id: int, stage: str, seconds: float) -> None:
@@ -208,8 +232,9 @@ class SQLiteQueue:
 
     def oldest_unfinished(self) -> float | None:
         marks = ",".join("?" * len(UNFINISHED))
-        rows = self._read(f"SELECT MIN(received_at) AS t FROM jobs WHERE state IN ({marks})",
-                          [s.value for s in UNFINISHED])
+        rows = self._read(
+            f"SELECT MIN(received_at) AS t FROM jobs WHERE state IN ({marks})", [s.value for s in UNFINISHED]
+        )
         value = rows[0]["t"] if rows else None
         return float(value) if value is not None else None
 

@@ -79,6 +79,7 @@ GEOGRAPHIC_EXTENT_SCORE = Code("GES", "99CXRNODE", "Geographic extent score")
 """cxrnode's own concept: the geographic-extent score of Wong et al. (Radiology 2020), 0-4 per lung, 0-8 for both.
 Neither DICOM nor SNOMED CT nor LOINC has a concept for it."""
 
+
 def cxrnode_coding_scheme() -> CodingSchemeIdentificationItem:
     """Declaration of the "99CXRNODE" scheme, for the objects that use GEOGRAPHIC_EXTENT_SCORE (a new item each call:
     it is a Dataset, and one item must not sit in two objects)."""

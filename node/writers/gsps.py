@@ -199,8 +199,11 @@ def _annotations(header: Dataset, finding: Finding, max_outline_points: int) -> 
     layers = {name: _layer(name) for name in _LAYERS}
     annotations = []
     outlines = [
-        hd.pr.GraphicObject(graphic_type=hd.pr.GraphicTypeValues.POLYLINE, graphic_data=polyline,
-                            units=hd.pr.AnnotationUnitsValues.PIXEL)
+        hd.pr.GraphicObject(
+            graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+            graphic_data=polyline,
+            units=hd.pr.AnnotationUnitsValues.PIXEL,
+        )
         for polyline in outline_polylines(finding.opacity_mask, max_outline_points)
     ]
     if outlines:
@@ -216,25 +219,46 @@ def _annotations(header: Dataset, finding: Finding, max_outline_points: int) -> 
         tracking = {
             "tracking_id": f"Lung opacity {number}",
             # The SR's group of the same opacity carries this Tracking UID: a viewer can tie the two together.
-            "tracking_uid": uids.tracking_uid(header.SOPInstanceUID, finding.model_version,
-                                              f"{sr_writer.KIND}/opacity-{number}"),
+            "tracking_uid": uids.tracking_uid(
+                header.SOPInstanceUID, finding.model_version, f"{sr_writer.KIND}/opacity-{number}"
+            ),
         }
-        boxes.append(hd.pr.GraphicObject(graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
-                                         graphic_data=sr_writer.box_polyline(opacity.box),
-                                         units=hd.pr.AnnotationUnitsValues.PIXEL, **tracking))
+        boxes.append(
+            hd.pr.GraphicObject(
+                graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+                graphic_data=sr_writer.box_polyline(opacity.box),
+                units=hd.pr.AnnotationUnitsValues.PIXEL,
+                **tracking,
+            )
+        )
         text = opacity_label(opacity.score)
-        labels.append(hd.pr.TextObject(text_value=text, units=hd.pr.AnnotationUnitsValues.PIXEL,
-                                       bounding_box=_label_box(opacity.box, text, rows, columns),
-                                       anchor_point=(float(x0), float(y0)), anchor_point_visible=False,
-                                       text_justification=hd.pr.TextJustificationValues.LEFT, **tracking))
+        labels.append(
+            hd.pr.TextObject(
+                text_value=text,
+                units=hd.pr.AnnotationUnitsValues.PIXEL,
+                bounding_box=_label_box(opacity.box, text, rows, columns),
+                anchor_point=(float(x0), float(y0)),
+                anchor_point_visible=False,
+                text_justification=hd.pr.TextJustificationValues.LEFT,
+                **tracking,
+            )
+        )
     if boxes:
         annotations.append(hd.pr.GraphicAnnotation([header], layers[BOX_LAYER], graphic_objects=boxes))
         annotations.append(hd.pr.GraphicAnnotation([header], layers[LABEL_LAYER], text_objects=labels))
     summary = [
-        hd.pr.TextObject(text_value=summary_text(finding), units=hd.pr.AnnotationUnitsValues.DISPLAY,
-                         bounding_box=_SUMMARY_BOX, text_justification=hd.pr.TextJustificationValues.LEFT),
-        hd.pr.TextObject(text_value=_DISCLAIMER, units=hd.pr.AnnotationUnitsValues.DISPLAY,
-                         bounding_box=_DISCLAIMER_BOX, text_justification=hd.pr.TextJustificationValues.LEFT),
+        hd.pr.TextObject(
+            text_value=summary_text(finding),
+            units=hd.pr.AnnotationUnitsValues.DISPLAY,
+            bounding_box=_SUMMARY_BOX,
+            text_justification=hd.pr.TextJustificationValues.LEFT,
+        ),
+        hd.pr.TextObject(
+            text_value=_DISCLAIMER,
+            units=hd.pr.AnnotationUnitsValues.DISPLAY,
+            bounding_box=_DISCLAIMER_BOX,
+            text_justification=hd.pr.TextJustificationValues.LEFT,
+        ),
     ]
     annotations.append(hd.pr.GraphicAnnotation([header], layers[SUMMARY_LAYER], text_objects=summary))
     return annotations
@@ -271,8 +295,9 @@ def _label_box(
 
 def _layer(name: str) -> hd.pr.GraphicLayer:
     order, description, grayscale, rgb = _LAYERS[name]
-    layer = hd.pr.GraphicLayer(layer_name=name, order=order, description=description,
-                               display_color=hd.color.CIELabColor.from_rgb(*rgb))
+    layer = hd.pr.GraphicLayer(
+        layer_name=name, order=order, description=description, display_color=hd.color.CIELabColor.from_rgb(*rgb)
+    )
     layer.GraphicLayerRecommendedDisplayGrayscaleValue = grayscale
     return layer
 
@@ -401,10 +426,14 @@ def _modality_lut(header: Dataset) -> hd.ModalityLUTTransformation | None:
         return None
     item = header.ModalityLUTSequence[0]
     first, data = _lut_first_and_data(item)
-    return hd.ModalityLUTTransformation(modality_lut=hd.ModalityLUT(
-        lut_type=str(item.get("ModalityLUTType") or "US"), first_mapped_value=first, lut_data=data,
-        lut_explanation=item.get("LUTExplanation") or None,
-    ))
+    return hd.ModalityLUTTransformation(
+        modality_lut=hd.ModalityLUT(
+            lut_type=str(item.get("ModalityLUTType") or "US"),
+            first_mapped_value=first,
+            lut_data=data,
+            lut_explanation=item.get("LUTExplanation") or None,
+        )
+    )
 
 
 def _voi(header: Dataset, window: tuple[float, float] | None) -> hd.pr.SoftcopyVOILUTTransformation:
@@ -416,9 +445,11 @@ def _voi(header: Dataset, window: tuple[float, float] | None) -> hd.pr.SoftcopyV
     if header.get("VOILUTSequence"):
         item = header.VOILUTSequence[0]
         first, data = _lut_first_and_data(item)
-        return hd.pr.SoftcopyVOILUTTransformation(voi_luts=[
-            hd.VOILUT(first_mapped_value=first, lut_data=data, lut_explanation=item.get("LUTExplanation") or None)
-        ])
+        return hd.pr.SoftcopyVOILUTTransformation(
+            voi_luts=[
+                hd.VOILUT(first_mapped_value=first, lut_data=data, lut_explanation=item.get("LUTExplanation") or None)
+            ]
+        )
     centers = _values(header.get("WindowCenter"))
     widths = _values(header.get("WindowWidth"))
     if centers and widths and widths[0] > 0:
@@ -426,11 +457,18 @@ def _voi(header: Dataset, window: tuple[float, float] | None) -> hd.pr.SoftcopyV
         function = str(header.get("VOILUTFunction") or "").strip() or None
         return _window(centers[0], widths[0], explanations[0] if explanations else None, function)
     if centers or widths:
-        logger.warning("Source %s: Window Center %s / Width %s are unusable; the GSPS does not use them.",
-                       header.SOPInstanceUID, centers, widths)
+        logger.warning(
+            "Source %s: Window Center %s / Width %s are unusable; the GSPS does not use them.",
+            header.SOPInstanceUID,
+            centers,
+            widths,
+        )
     center, width = full_range_window(header)
-    logger.info("Source %s has no VOI window or LUT; the GSPS shows the full range of its %s stored bits.",
-                header.SOPInstanceUID, header.get("BitsStored"))
+    logger.info(
+        "Source %s has no VOI window or LUT; the GSPS shows the full range of its %s stored bits.",
+        header.SOPInstanceUID,
+        header.get("BitsStored"),
+    )
     return _window(center, width, "Full range of Bits Stored")
 
 
@@ -439,8 +477,10 @@ def _window(
 ) -> hd.pr.SoftcopyVOILUTTransformation:
     # Lists, not numbers: highdicom 0.28 turns a lone explanation string into a list of its characters.
     return hd.pr.SoftcopyVOILUTTransformation(
-        window_center=[center], window_width=[width],
-        window_explanation=[explanation] if explanation else None, voi_lut_function=function,
+        window_center=[center],
+        window_width=[width],
+        window_explanation=[explanation] if explanation else None,
+        voi_lut_function=function,
     )
 
 

@@ -80,9 +80,7 @@ def burned_in_capture(
     check_finding(header, finding)
     shape = (int(header.Rows), int(header.Columns))
     if not isinstance(pixels, np.ndarray) or pixels.shape != shape:
-        raise ValueError(
-            f'Argument "pixels" has shape {getattr(pixels, "shape", None)}; the source image is {shape}.'
-        )
+        raise ValueError(f'Argument "pixels" has shape {getattr(pixels, "shape", None)}; the source image is {shape}.')
     if max_side < 1:
         raise ValueError(f'Argument "max_side" must be positive, not {max_side}.')
     if content_datetime is None:

@@ -94,12 +94,37 @@ def segmentation(
         parameters=_algorithm_parameters(finding),
     )
     descriptions = [
-        _segment(OPACITY_SEGMENT, "Lung opacity", codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE, codes.OPACITY,
-                 OPACITY_COLOUR_RGB, algorithm, header, model_version, anatomic_regions=[codes.LUNG]),
-        _segment(RIGHT_LUNG_SEGMENT, "Right lung", codes.ANATOMICAL_STRUCTURE, codes.RIGHT_LUNG,
-                 RIGHT_LUNG_COLOUR_RGB, algorithm, header, model_version),
-        _segment(LEFT_LUNG_SEGMENT, "Left lung", codes.ANATOMICAL_STRUCTURE, codes.LEFT_LUNG,
-                 LEFT_LUNG_COLOUR_RGB, algorithm, header, model_version),
+        _segment(
+            OPACITY_SEGMENT,
+            "Lung opacity",
+            codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+            codes.OPACITY,
+            OPACITY_COLOUR_RGB,
+            algorithm,
+            header,
+            model_version,
+            anatomic_regions=[codes.LUNG],
+        ),
+        _segment(
+            RIGHT_LUNG_SEGMENT,
+            "Right lung",
+            codes.ANATOMICAL_STRUCTURE,
+            codes.RIGHT_LUNG,
+            RIGHT_LUNG_COLOUR_RGB,
+            algorithm,
+            header,
+            model_version,
+        ),
+        _segment(
+            LEFT_LUNG_SEGMENT,
+            "Left lung",
+            codes.ANATOMICAL_STRUCTURE,
+            codes.LEFT_LUNG,
+            LEFT_LUNG_COLOUR_RGB,
+            algorithm,
+            header,
+            model_version,
+        ),
     ]
     # Stacked-segments style: (frames, rows, columns, segments), segment n in [..., n - 1].
     pixel_array = np.stack([finding.opacity_mask, finding.right_lung, finding.left_lung], axis=-1)[np.newaxis]

@@ -166,14 +166,21 @@ def _image_level_group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     severity, extent = finding.severity, finding.extent
     measurements = [_percent(codes.CERTAINTY_OF_FINDING, 100.0 * finding.opacity_probability)]
-    for laterality, percent in ((codes.RIGHT, severity.right), (codes.LEFT, severity.left),
-                                (codes.BILATERAL, severity.total)):
+    for laterality, percent in (
+        (codes.RIGHT, severity.right),
+        (codes.LEFT, severity.left),
+        (codes.BILATERAL, severity.total),
+    ):
         measurements.append(_percent(codes.EXTENT, percent, site=_lung(laterality)))
-    for laterality, score in ((codes.RIGHT, extent.right), (codes.LEFT, extent.left),
-                              (codes.BILATERAL, extent.total)):
-        measurements.append(hd.sr.Measurement(
-            name=codes.GEOGRAPHIC_EXTENT_SCORE, value=int(score), unit=codes.SCORE, finding_sites=[_lung(laterality)]
-        ))
+    for laterality, score in ((codes.RIGHT, extent.right), (codes.LEFT, extent.left), (codes.BILATERAL, extent.total)):
+        measurements.append(
+            hd.sr.Measurement(
+                name=codes.GEOGRAPHIC_EXTENT_SCORE,
+                value=int(score),
+                unit=codes.SCORE,
+                finding_sites=[_lung(laterality)],
+            )
+        )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uids.tracking_uid(header.SOPInstanceUID, finding.model_version, f"{KIND}/image"),
@@ -202,12 +209,16 @@ def _opacity_group(
     x0, y0, x1, y1 = opacity.box
     rows, columns = finding.image_shape
     if not (0 <= x0 < x1 <= columns and 0 <= y0 < y1 <= rows):
-        raise ValueError(f"Opacity {number} box {opacity.box} is not a non-empty box inside the {rows}x{columns} image.")
+        raise ValueError(
+            f"Opacity {number} box {opacity.box} is not a non-empty box inside the {rows}x{columns} image."
+        )
     measurements = [_percent(codes.CERTAINTY_OF_FINDING, 100.0 * opacity.score)]
     if spacing is not None:
-        measurements.append(hd.sr.Measurement(
-            name=codes.AREA, value=(x1 - x0) * (y1 - y0) * spacing[0] * spacing[1], unit=codes.SQUARE_MILLIMETER
-        ))
+        measurements.append(
+            hd.sr.Measurement(
+                name=codes.AREA, value=(x1 - x0) * (y1 - y0) * spacing[0] * spacing[1], unit=codes.SQUARE_MILLIMETER
+            )
+        )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uids.tracking_uid(header.SOPInstanceUID, finding.model_version, f"{KIND}/opacity-{number}"),
@@ -257,25 +268,27 @@ def _segment_groups(
             continue
         measurements = []
         if spacing is not None:
-            measurements.append(hd.sr.Measurement(
-                name=codes.AREA, value=pixels * spacing[0] * spacing[1], unit=codes.SQUARE_MILLIMETER
-            ))
+            measurements.append(
+                hd.sr.Measurement(name=codes.AREA, value=pixels * spacing[0] * spacing[1], unit=codes.SQUARE_MILLIMETER)
+            )
         category = hd.sr.CodedConcept.from_dataset(segment.SegmentedPropertyCategoryCodeSequence[0])
         property_type = hd.sr.CodedConcept.from_dataset(segment.SegmentedPropertyTypeCodeSequence[0])
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=segment.TrackingUID, identifier=segment.TrackingID),
-            referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=segmentation.SOPClassUID,
-                sop_instance_uid=segmentation.SOPInstanceUID,
-                segment_number=number,
-                source_images=[hd.sr.SourceImageForSegmentation(header.SOPClassUID, header.SOPInstanceUID)],
-            ),
-            finding_type=property_type,
-            finding_category=category,
-            finding_sites=[hd.sr.FindingSite(codes.LUNG)] if number == OPACITY_SEGMENT else None,
-            algorithm_id=algorithm,
-            measurements=measurements or None,
-        ))
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=segment.TrackingUID, identifier=segment.TrackingID),
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=segmentation.SOPClassUID,
+                    sop_instance_uid=segmentation.SOPInstanceUID,
+                    segment_number=number,
+                    source_images=[hd.sr.SourceImageForSegmentation(header.SOPClassUID, header.SOPInstanceUID)],
+                ),
+                finding_type=property_type,
+                finding_category=category,
+                finding_sites=[hd.sr.FindingSite(codes.LUNG)] if number == OPACITY_SEGMENT else None,
+                algorithm_id=algorithm,
+                measurements=measurements or None,
+            )
+        )
     return groups
 
 
