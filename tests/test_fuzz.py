@@ -99,6 +99,7 @@ def test_fuzzing_does_not_disturb_a_well_behaved_peer(tmp_path: Path) -> None:
         stored, started = 0, time.monotonic()
         while time.monotonic() - started < seconds:
             ae = AE(ae_title="GOODPEER")
+            ae.dimse_timeout = 120  # a disk stalled by other work on this machine may delay one answer; wait for it
             ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.1.2.1")
             assoc = ae.associate("127.0.0.1", port, ae_title="CXRNODE")
             if not assoc.is_established:
