@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import math
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,19 @@ def make_optimizer(args: argparse.Namespace, params: Iterable[torch.nn.Parameter
     if args.optimizer == "adamw":
         return torch.optim.AdamW(trainable, lr=1e-3, weight_decay=args.weight_decay)
     return torch.optim.SGD(trainable, lr=1e-3, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def decode_once(dataset: Dataset, sources: Sequence[Path], tag: str, cache_dir: Path, workers: int) -> list[Any]:
+    """Every item of `dataset`, decoded once (in `workers` processes) and kept in `cache_dir`, under a key made of
+    `tag` and the source files' names and modification times: a changed dataset is decoded again."""
+    key = hashlib.sha256(json.dumps([tag] + [(str(p), p.stat().st_mtime_ns) for p in sources]).encode()).hexdigest()
+    path = cache_dir / f"{tag}-{key[:16]}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=False)  # our own cache file
+    items = list(DataLoader(dataset, batch_size=None, num_workers=workers))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(items, path)
+    return items
 
 
 def save_checkpoint(path: Path, **state: Any) -> None:

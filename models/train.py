@@ -31,6 +31,7 @@ from models.data.rsna import load_image as load_rsna_image
 from models.engine import (
     PAPER_SCHEDULE,
     add_training_arguments,
+    decode_once,
     load_checkpoint,
     lr_for_epoch,
     make_optimizer,
@@ -100,18 +101,10 @@ class _Decode(Dataset):
 
 
 def decode_all(records: list[Record], input_size: int, cache_dir: Path, workers: int) -> list[Cached]:
-    """Decode and resize every image once; kept in a cache file keyed by the images and the input size."""
-    key = hashlib.sha256(
-        json.dumps([input_size] + [(str(r.image), r.image.stat().st_mtime_ns) for r in records]).encode()
-    ).hexdigest()[:16]
-    path = cache_dir / f"detector-{input_size}-{key}.pt"
-    if path.is_file():
-        return [Cached(**item) for item in torch.load(path, weights_only=False)]
-    loader = DataLoader(_Decode(records, input_size), batch_size=None, num_workers=workers)
-    items = [item for item in loader]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save([item.__dict__ for item in items], path)
-    return items
+    """Every image decoded and resized once (cached across runs and --resume)."""
+    return decode_once(
+        _Decode(records, input_size), [r.image for r in records], f"detector-{input_size}", cache_dir, workers
+    )
 
 
 def ellipse_masks(boxes: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

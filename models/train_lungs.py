@@ -11,7 +11,6 @@ mean per-lung Dice is exported to WEIGHTS_DIR/lungs.safetensors.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -27,10 +26,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from models.data.lungs import is_holdout, lung_labels, read_gray, read_mask, read_pairs
-from models.data.rsna import LUNG_MASKS, read_dataset
+from models.data.rsna import LUNG_MASKS, Record, read_dataset
 from models.data.rsna import load_image as load_rsna_image
 from models.engine import (
     add_training_arguments,
+    decode_once,
     load_checkpoint,
     lr_for_epoch,
     make_optimizer,
@@ -91,8 +91,6 @@ def collect(sources: list[Path]) -> list[LungSample]:
 def load_sample(sample: LungSample) -> tuple[np.ndarray, np.ndarray]:
     """(image in presentation polarity, uint8 label map 0/1/2) at the sample's own resolution."""
     if sample.kind == "rsna":
-        from models.data.rsna import Record
-
         image = load_rsna_image(Record(sample.name, sample.image, (), sample.mask, None))
     else:
         image = read_gray(sample.image)
@@ -129,16 +127,8 @@ class _Decode(Dataset):
 def decode_all(
     samples: list[LungSample], size: int, cache_dir: Path, workers: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    key = hashlib.sha256(
-        json.dumps([size] + [(str(s.image), s.image.stat().st_mtime_ns) for s in samples]).encode()
-    ).hexdigest()[:16]
-    path = cache_dir / f"lungs-{size}-{key}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    items = list(DataLoader(_Decode(samples, size), batch_size=None, num_workers=workers))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(items, path)
-    return items
+    """Every pair decoded and resized once (cached across runs and --resume)."""
+    return decode_once(_Decode(samples, size), [s.image for s in samples], f"lungs-{size}", cache_dir, workers)
 
 
 class TrainingSet(Dataset):
