@@ -349,7 +349,8 @@ def main(args: argparse.Namespace) -> int:
             config=config.to_dict(),
             args=vars(args) | {"lr_schedule": [s.__dict__ for s in args.lr_schedule]},
         )
-    set_manifest_fields(args.out, detector={"history": history})
+        if "epoch" in best:  # a network was saved: its entry exists
+            set_manifest_fields(args.out, detector={"history": history})  # each epoch: an interrupted run keeps it
     print(json.dumps({"best": best}, indent=2, default=str))
     return 0
 

@@ -284,7 +284,8 @@ def main(args: argparse.Namespace) -> int:
             history=history,
             config=config.to_dict(),
         )
-    set_manifest_fields(args.out, lungs={"history": history})
+        if "epoch" in best:  # a network was saved: its entry exists
+            set_manifest_fields(args.out, lungs={"history": history})  # each epoch: an interrupted run keeps it
     print(json.dumps({"best": best}, indent=2))
     return 0
 
