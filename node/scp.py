@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from io import BytesIO
 
 from pydicom import Dataset, dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.encaps import generate_fragments
 from pydicom.uid import UID
 from pynetdicom import AE, evt
@@ -60,6 +61,8 @@ TRANSFER_SYNTAXES = [
 """Every transfer syntax the SCP accepts; each one decodes with pydicom and its pixel-data plugins."""
 
 VERIFICATION_TRANSFER_SYNTAXES = TRANSFER_SYNTAXES[:4]
+DEFER_BYTES = 64 * 1024  # values larger than this are not read when a received object is checked
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -243,27 +246,34 @@ def decoded_size(header: Dataset) -> int:
     )
 
 
-def integrity_problem(ds: Dataset, sop_class: str, sop_instance: str) -> str | None:
+def integrity_problem(ds: Dataset, sop_class: str, sop_instance: str, file_size: int) -> str | None:
     """Why a received data set is not whole and consistent, or None. Checks lengths and identities only; nothing
-    is decoded. (pydicom reads a truncated data set without complaint, so the checks are made here.)"""
+    is decoded. `ds` is read with deferred large values, so Pixel Data's declared length and file offset are known
+    without reading it. (pydicom reads a truncated data set without complaint, so the checks are made here.)"""
     if str(ds.get("SOPInstanceUID", "")) != sop_instance:
         return "SOP Instance UID in the data set is missing or differs from the C-STORE request's"
     if str(ds.get("SOPClassUID", "")) != sop_class:
         return "SOP Class UID in the data set is missing or differs from the C-STORE request's"
     if "PixelData" not in ds:
         return None  # not every storage object has pixels; the worker says so if it needed them
-    element = ds["PixelData"]
-    if element.is_undefined_length:  # encapsulated: every fragment must be complete
+    raw = ds.get_item("PixelData")
+    if isinstance(raw, RawDataElement):  # still as read: its declared length and where its value starts
+        undefined = raw.length == UNDEFINED_LENGTH
+        arrived = min(raw.length, max(0, file_size - raw.value_tell)) if raw.value is None else len(raw.value)
+    else:  # already converted by pydicom
+        undefined = raw.is_undefined_length
+        arrived = len(raw.value or b"")
+    if undefined:  # encapsulated (read in full, it cannot be deferred): every fragment must be whole
         try:
-            fragments = sum(1 for _ in generate_fragments(element.value))
+            fragments = sum(1 for _ in generate_fragments(ds.PixelData))
         except Exception as error:
             return f"encapsulated Pixel Data is truncated or malformed ({error})"
         return None if fragments else "encapsulated Pixel Data has no fragments"
     expected = decoded_size(ds)
     if int(ds.get("BitsAllocated", 16) or 16) == 1:  # 1-bit data packs eight pixels in a byte
         expected = (expected + 7) // 8
-    if len(element.value or b"") < expected:
-        return f"Pixel Data is truncated: {len(element.value or b'')} of {expected} bytes"
+    if arrived < expected:
+        return f"Pixel Data is truncated: {arrived} of {expected} bytes"
     return None
 
 
@@ -291,17 +301,18 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
     try:
         safe_uid(sop_instance)
         data = event.encoded_dataset(include_meta=True)
-        header = dcmread(BytesIO(data))  # the whole data set, Pixel Data as bytes: nothing is decoded
+        size = len(data)
+        header = dcmread(BytesIO(data), defer_size=DEFER_BYTES)  # large values are not even copied; nothing decoded
     except Exception as error:  # a data set pydicom cannot parse
         return _refuse(receiver, peer, sop_instance, CANNOT_UNDERSTAND, f"cannot parse data set: {error}")
     crash_point("received")
-    if len(data) > settings.node.max_object_mb * 1e6:
+    if size > settings.node.max_object_mb * 1e6:
         return _refuse(
             receiver,
             peer,
             sop_instance,
             OUT_OF_RESOURCES,
-            f"object is {len(data) / 1e6:.0f} MB, above max_object_mb {settings.node.max_object_mb:g}",
+            f"object is {size / 1e6:.0f} MB, above max_object_mb {settings.node.max_object_mb:g}",
         )
     if decoded_size(header) > settings.node.max_decoded_mb * 1e6:
         return _refuse(
@@ -312,7 +323,7 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
             f"image would decode to {decoded_size(header) / 1e6:.0f} MB, above max_decoded_mb "
             f"{settings.node.max_decoded_mb:g}",
         )
-    problem = integrity_problem(header, sop_class, sop_instance)
+    problem = integrity_problem(header, sop_class, sop_instance, size)
     if problem:
         return _refuse(receiver, peer, sop_instance, CANNOT_UNDERSTAND, problem)
     low = receiver.low_on_disk()
@@ -435,6 +446,9 @@ def make_ae(settings: Settings) -> AE:
 
 
 def start_server(ae: AE, settings: Settings, receiver: Receiver) -> ThreadedAssociationServer:
+    """Listen. Each data set is received whole in memory, then stored by the C-STORE handler. (pynetdicom's
+    STORE_RECV_CHUNKED_DATASET would stream it to a file as it arrives, but a full disk then aborts the association
+    inside pynetdicom instead of letting the handler answer 0xA700 and clean up: not used.)"""
     handlers = [
         (evt.EVT_REQUESTED, handle_requested, [receiver]),
         (evt.EVT_C_ECHO, handle_echo),
