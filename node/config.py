@@ -435,6 +435,9 @@ class InferenceSettings(_Section):
     score_threshold: Fraction | None = None  # None = the value recorded with the weights
     present_threshold: Fraction | None = None
     mask_threshold: Fraction | None = None
+    # Nice value (0-19) of the threads that decode, analyse and write: receiving keeps precedence over them, so a
+    # burst of images is acknowledged at full speed while the CPU also runs the models. 0 = same priority.
+    nice: Annotated[int, Field(ge=0, le=19)] = 10
 
     @model_validator(mode="after")
     def _absolute_weights(self) -> InferenceSettings:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +42,15 @@ from node.spool import Spool
 log = logging.getLogger(__name__)
 
 THUMBNAILS = "thumbnails"  # data_dir/thumbnails/<job id>.png, served by node.web
+
+
+def lower_priority(nice: int) -> None:
+    """Give the calling thread (on Linux the nice value is per thread) a lower CPU priority; best effort."""
+    if nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except (OSError, AttributeError):
+            log.debug("cannot lower the priority of thread %s", threading.current_thread().name)
 
 
 @dataclass
@@ -70,8 +80,13 @@ class Worker:
         self.metrics = metrics
         self.stopping = threading.Event()
         batch = settings().inference.batch_size
-        self.prepare_pool = ThreadPoolExecutor(max_workers=min(8, batch), thread_name_prefix="prepare")
-        self.write_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="write")
+        nice = settings().inference.nice
+        self.prepare_pool = ThreadPoolExecutor(
+            max_workers=min(8, batch), thread_name_prefix="prepare", initializer=lower_priority, initargs=(nice,)
+        )
+        self.write_pool = ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="write", initializer=lower_priority, initargs=(nice,)
+        )
         self.writes_in_flight = threading.BoundedSemaphore(2 * batch)
         self.batches: Handoff[list[Prepared]] = Handoff(maxsize=1)
         self.feeder = threading.Thread(target=self._feed, name="worker-feed", daemon=True)
@@ -94,6 +109,7 @@ class Worker:
     # -- the stages -------------------------------------------------------------------------------------------------
 
     def _feed(self) -> None:
+        lower_priority(self.settings().inference.nice)
         while not self.stopping.is_set():
             try:
                 jobs = self._take_batch()
@@ -116,6 +132,8 @@ class Worker:
                 self.stopping.wait(5.0)
 
     def _run(self) -> None:
+        # Before the first model call: the math library's worker threads are started by this thread and inherit it.
+        lower_priority(self.settings().inference.nice)
         while not (self.stopping.is_set() and self.batches.empty()):
             try:
                 prepared = self.batches.get(timeout=1.0)
