@@ -102,18 +102,18 @@ def cmd_send(args: argparse.Namespace) -> int:
     from pynetdicom import AE
 
     address = parse_address(args.address)
-    datasets = []
+    datasets = []  # headers only: each file is read whole just before it is sent
     for path in _dicom_files(args.paths):
         try:
-            ds = dcmread(path)
-            datasets.append((path, ds, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
+            ds = dcmread(path, stop_before_pixels=True)
+            datasets.append((path, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
         except Exception as error:
             print(f"{path}: skipped, not a DICOM file ({error})", file=sys.stderr)
     if not datasets:
         print("nothing to send", file=sys.stderr)
         return 1
     contexts: dict[str, set[str]] = {}
-    for _, _, sop_class, syntax in datasets:
+    for _, sop_class, syntax in datasets:
         contexts.setdefault(sop_class, {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)}).add(syntax)
     pairs = [(sop, syntax) for sop, syntaxes in sorted(contexts.items()) for syntax in sorted(syntaxes)]
     if len(pairs) > 128:
@@ -130,8 +130,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     failures = 0
     started = time.perf_counter()
     try:
-        for path, ds, _, _ in datasets:
-            status = assoc.send_c_store(ds)
+        for path, _, _ in datasets:
+            status = assoc.send_c_store(dcmread(path))
             code = int(status.Status) if "Status" in status else None
             ok = code is not None and (code == 0 or code in (0xB000, 0xB006, 0xB007))
             failures += not ok

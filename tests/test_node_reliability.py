@@ -318,3 +318,23 @@ def test_sigterm_finishes_the_transfer_in_flight(tmp_path: Path) -> None:
 
     job = SQLiteQueue(tmp_path / "term-data" / "queue.sqlite").find(uid)
     assert job is not None  # recorded; the restarted node resumes it
+
+
+def test_cxrnode_send_a_folder(small_images: list[Path], tmp_path: Path) -> None:
+    folder = tmp_path / "outbox"
+    folder.mkdir()
+    for image in small_images[:2]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "notes.txt").write_text("not DICOM")
+    with running_node(tmp_path, destination_port=None) as node:
+        sent = subprocess.run(
+            [sys.executable, "-m", "node.cli", "send", f"CXRNODE@127.0.0.1:{node.port}", str(folder)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert sent.returncode == 0, sent.stderr
+        assert "sent 2 of 2" in sent.stdout and sent.stdout.count(": 0x0000") == 2
+        assert "notes.txt: skipped, not a DICOM file" in sent.stderr
+        assert len(jobs(node)["jobs"]) == 2
