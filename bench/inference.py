@@ -75,13 +75,13 @@ def measure(device: str, args: argparse.Namespace, pool: list[np.ndarray]) -> di
     predictor.predict(pool[:1])
     latency = seconds(lambda: predictor.predict(pool[:1]), args.repeats, torch_device)
     per_batch = {}
+    same = pool[: args.images]  # the same images for every batch size and for the naive loop
     for batch in args.batches:
         predictor.max_batch = batch
-        chunk = pool[:batch] * max(1, args.images // batch)
-        predictor.predict(pool[:batch])
-        runs = seconds(lambda chunk=chunk: predictor.predict(chunk), 2, torch_device)
-        per_batch[str(batch)] = len(chunk) / statistics.median(runs)
-    naive_pool = pool[: args.images]
+        predictor.predict(same[:batch])
+        runs = seconds(lambda: predictor.predict(same), 2, torch_device)
+        per_batch[str(batch)] = len(same) / statistics.median(runs)
+    naive_pool = same
     naive_loop(predictor, naive_pool[:1])
     naive = len(naive_pool) / statistics.median(seconds(lambda: naive_loop(predictor, naive_pool), 2, torch_device))
     name = str(torch_device) + (
@@ -113,7 +113,7 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    pool = images(max(max(args.batches), args.images), args.rows, args.columns)
+    pool = images(max(*args.batches, args.images), args.rows, args.columns)
     devices = (
         ["cpu", "cuda"]
         if args.device == "auto" and torch.cuda.is_available()

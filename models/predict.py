@@ -204,7 +204,12 @@ def upsample_masks(masks: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def lung_masks(logits: torch.Tensor, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Right and left lung boolean masks at `shape` from the segmenter's (3, s, s) logits."""
-    labels = F.interpolate(logits[None], size=shape, mode="bilinear", align_corners=False)[0].argmax(0)
-    labels_np = labels.to(torch.uint8).cpu().numpy()
-    return labels_np == 1, labels_np == 2
+    """Right and left lung boolean masks at `shape` from the segmenter's (3, s, s) logits: the argmax of the
+    bilinearly upsampled logits. Upsampling is linear, so the two lungs' margins over the background are upsampled
+    instead of the three logits, and compared: the same answer as argmax, a third less upsampling and no
+    full-resolution argmax (which costs more than both networks together on a large image)."""
+    margins = F.interpolate((logits[1:] - logits[:1])[None], size=shape, mode="bilinear", align_corners=False)[0]
+    right_margin, left_margin = margins[0], margins[1]
+    right = (right_margin > 0) & (right_margin >= left_margin)
+    left = (left_margin > 0) & (left_margin > right_margin)
+    return right.cpu().numpy(), left.cpu().numpy()
