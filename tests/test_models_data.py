@@ -210,3 +210,28 @@ def test_pretrained_weights_only_from_a_file(tmp_path: Path) -> None:
     torch.save({"x": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(WeightsError, match="not weights for"):
         build_detector(DetectorConfig(input_size=128), pretrained_backbone=tmp_path / "wrong.pth")
+
+
+@pytest.mark.parametrize("function", [None, "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_presentation_pixels_match_pydicom_up_to_scale(photometric: str, function: str | None) -> None:
+    """Our in-place float32 Modality LUT and window give pydicom's apply_modality_lut + apply_voi_lut, up to the
+    affine map the Predictor's percentile scaling removes (and negated for MONOCHROME1)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    from models.data.dicom import presentation_pixels
+    from models.synth import make_dataset, make_radiograph
+
+    rng = np.random.default_rng(4)
+    radiograph = make_radiograph(rng, 300, 280, positive=True, bits_stored=12, photometric_interpretation=photometric)
+    ds = make_dataset(radiograph, patient_id="lut", modality="CR", rng=rng)
+    ds.RescaleSlope, ds.RescaleIntercept = 2, -100
+    ds.WindowCenter, ds.WindowWidth = float(ds.WindowCenter) * 2 - 100, float(ds.WindowWidth) * 2
+    if function:
+        ds.VOILUTFunction = function
+    ours = presentation_pixels(ds).astype(np.float64).ravel()
+    reference = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds, index=0).astype(np.float64).ravel()
+    if photometric == "MONOCHROME1":
+        reference = -reference
+    slope, intercept = np.polyfit(reference, ours, 1)
+    assert slope > 0 and np.abs(ours - (slope * reference + intercept)).max() < 1e-5

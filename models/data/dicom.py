@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from models.errors import ImageError
@@ -43,16 +44,61 @@ def presentation_pixels(ds: Dataset) -> np.ndarray:
     try:
         stored = ds.pixel_array
     except Exception as error:  # the decoders raise many kinds for broken streams
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID", None) if meta is not None else None
         raise ImageError(
             f"SOP Instance {ds.get('SOPInstanceUID', '?')}: cannot decode Pixel Data "
-            f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?') if 'file_meta' in ds else '?'}): {error}"
+            f"(transfer syntax {syntax.name if syntax else 'unknown'}): {error}"
         ) from error
     if stored.ndim != 2:
         raise ImageError(f"SOP Instance {ds.get('SOPInstanceUID', '?')}: decoded pixels have shape {stored.shape}")
-    values = apply_modality_lut(stored, ds)
-    if "VOILUTSequence" in ds or "WindowCenter" in ds:
-        values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
-    values = np.asarray(values, dtype=np.float32)
+    values = modality_values(stored, ds)
+    if "VOILUTSequence" in ds:
+        values = np.asarray(apply_voi_lut(values, ds, index=0, prefer_lut=True), dtype=np.float32)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        apply_window(values, ds)
     if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
-        values = -values  # any decreasing map will do: the Predictor rescales each image by its percentiles
+        np.negative(values, out=values)  # any decreasing map will do: the Predictor rescales by percentiles
     return values
+
+
+def _first(value: object) -> float:
+    """The first of a multi-valued window attribute, or its only value."""
+    return float(value[0] if isinstance(value, MultiValue | list | tuple) else value)  # type: ignore[arg-type]
+
+
+def modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The Modality LUT: a Modality LUT Sequence through pydicom, Rescale Slope / Intercept here, in float32 and
+    in place (pydicom's own path makes several float64 copies of a large image)."""
+    if "ModalityLUTSequence" in ds:
+        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    values = stored.astype(np.float32)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope != 1:
+        values *= slope
+    if intercept:
+        values += intercept
+    return values
+
+
+def apply_window(values: np.ndarray, ds: Dataset) -> None:
+    """The first window (PS3.3 C.11.2.1.2), in place, onto the output range [0, 1]: LINEAR (the default),
+    LINEAR_EXACT or SIGMOID per VOI LUT Function."""
+    center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    if function == "SIGMOID":
+        values -= center
+        values *= -4.0 / width
+        np.exp(values, out=values)
+        values += 1.0
+        np.reciprocal(values, out=values)
+        return
+    if function == "LINEAR_EXACT":
+        values -= center
+        values *= 1.0 / width
+    else:  # LINEAR: y = ((x - (c - 0.5)) / (w - 1) + 0.5), clipped
+        values -= center - 0.5
+        values *= 1.0 / max(width - 1.0, 1.0)
+    values += 0.5
+    np.clip(values, 0.0, 1.0, out=values)
