@@ -2,7 +2,9 @@
 
     CXRNODE_CRASH_AT=spooled:3 cxrnode serve ...
 
-kills the process with SIGKILL (no clean-up, as a power cut would) the 3rd time it reaches the point `spooled`.
+kills the node with SIGKILL (no clean-up, as a power cut would) the 3rd time a process of it reaches the point
+`spooled`: the receiving process first, then the process that reached the point (the worker's points are reached
+in the worker process).
 Without the variable, `crash_point` does nothing. The points, in the order an image meets them:
 
     received   the whole object is in memory, nothing written yet
@@ -33,4 +35,7 @@ def crash_point(name: str) -> None:
     with _lock:
         _counts[name] = _counts.get(name, 0) + 1
         if _counts[name] >= int(nth or 1):
+            main = int(os.environ.get("_CXRNODE_MAIN_PID", "0") or 0)
+            if main and main != os.getpid():
+                os.kill(main, signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)

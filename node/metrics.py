@@ -68,3 +68,16 @@ class Metrics:
         self.send_failures = Counter("cxrnode_send_failures", "Failed delivery attempts", ["destination"], registry=r)
         if queue is not None:
             r.register(QueueCollector(queue))
+
+    def record(self, name: str, value: float) -> None:
+        """Apply one observation the worker process reported (see node.worker.Report)."""
+        if name == "inference_seconds":
+            self.inference_seconds.observe(value)
+        elif name == "batch_size":
+            self.batch_size.observe(value)
+        elif name == "processed":
+            self.processed.inc(value)
+        elif name == "failed":
+            self.failed.inc(value)
+        else:
+            raise ValueError(f"unknown worker metric {name!r}")

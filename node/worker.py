@@ -32,7 +32,6 @@ from models import Finding, Predictor
 from models.errors import ModelsError
 from node.config import Settings
 from node.faults import crash_point
-from node.metrics import Metrics
 from node.outputs import write_results
 from node.overlay import render_overlay
 from node.pixels import prepare
@@ -42,6 +41,9 @@ from node.spool import Spool
 log = logging.getLogger(__name__)
 
 THUMBNAILS = "thumbnails"  # data_dir/thumbnails/<job id>.png, served by node.web
+
+Report = Callable[[str, float], None]
+"""How the worker reports what it did (metric name, value); node.metrics.Metrics.record applies it."""
 
 
 def lower_priority(nice: int) -> None:
@@ -69,7 +71,7 @@ class Worker:
         predictor: Predictor,
         wake: threading.Event,
         wake_sender: threading.Event,
-        metrics: Metrics,
+        report: Report,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -77,7 +79,7 @@ class Worker:
         self.predictor = predictor
         self.wake = wake
         self.wake_sender = wake_sender
-        self.metrics = metrics
+        self.report = report
         self.stopping = threading.Event()
         batch = settings().inference.batch_size
         nice = settings().inference.nice
@@ -166,8 +168,8 @@ class Worker:
         crash_point("inferring")
         findings = self._predict(prepared)
         elapsed = time.perf_counter() - started
-        self.metrics.inference_seconds.observe(elapsed)
-        self.metrics.batch_size.observe(len(prepared))
+        self.report("inference_seconds", elapsed)
+        self.report("batch_size", len(prepared))
         seconds = elapsed / max(1, len(prepared))
         for item, finding in zip(prepared, findings, strict=True):
             if finding is None:
@@ -238,7 +240,7 @@ class Worker:
         destinations = settings.destinations_for(job.calling_ae)
         state = JobState.SENDING if destinations else JobState.DONE
         self.queue.set_results(job.id, results, state)
-        self.metrics.processed.inc()
+        self.report("processed", 1)
         self._thumbnail(job, item.pixels, finding)
         log.info(
             "job=%d sop=%s inferred: %d opacity box(es), present=%s p=%.3f severity=%.1f%% extent=%d; %s",
@@ -268,5 +270,5 @@ class Worker:
 
     def _fail(self, job: Job, reason: str) -> None:
         log.warning("job=%d sop=%s failed: %s", job.id, job.sop_instance_uid, reason)
-        self.metrics.failed.inc()
+        self.report("failed", 1)
         self.queue.set_state(job.id, JobState.FAILED, error=reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -338,3 +339,24 @@ def test_cxrnode_send_a_folder(small_images: list[Path], tmp_path: Path) -> None
         assert "sent 2 of 2" in sent.stdout and sent.stdout.count(": 0x0000") == 2
         assert "notes.txt: skipped, not a DICOM file" in sent.stderr
         assert len(jobs(node)["jobs"]) == 2
+
+
+def test_a_dead_worker_process_is_restarted(small_images: list[Path], tmp_path: Path) -> None:
+    """The models run in their own process: if it dies (out of memory, a native crash), the receiving process keeps
+    answering, starts a new worker, and the jobs the old one had in hand are done by the new one."""
+    pacs = StoreSCP("PACS", free_port(), tmp_path / "pacs").start()
+    try:
+        with running_node(tmp_path, destination_port=pacs.port) as node:
+            assert node.process is not None
+            workers = subprocess.run(
+                ["pgrep", "-P", str(node.process.pid), "-f", "multiprocessing"], capture_output=True, text=True
+            ).stdout.split()
+            assert workers, "no worker process found"
+            for pid in workers:
+                os.kill(int(pid), signal.SIGKILL)
+            assert storescu(node.port, small_images[:3]).returncode == 0  # receiving goes on meanwhile
+            wait_until(lambda: "restarting it in 5 s" in node.log.read_text(), timeout=10, what="the restart")
+            wait_until(lambda: len(pacs.files()) == 6, timeout=120, what="results from the new worker")
+            assert node.process.poll() is None
+    finally:
+        pacs.stop()

@@ -1,0 +1,192 @@
+"""The worker runs in a process of its own, beside the one that receives and sends.
+
+Why: decoding pixels, running the models and building result objects is CPU work in Python, and within one process
+it would take the interpreter lock from the threads that receive images — a modality waiting on a C-STORE response
+does not care that the GPU is busy. In its own process the worker can use its own cores, and a model that crashes
+or runs out of memory takes only the worker down: the receiving process notices, puts the interrupted jobs back to
+`received`, and starts a new worker.
+
+The two processes share only the spool and the queue database (SQLite in WAL mode takes writers from both), plus
+two wake-up events and a message queue on which the worker reports that it is ready (with its model version), that
+it could not start (with the reason), and its metrics.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from multiprocessing.synchronize import Event
+from queue import Empty
+from types import FrameType
+
+from node.launch import Launch, configure_logging, load_predictor, reloaded
+from node.metrics import Metrics
+from node.queue.sqlite import SQLiteQueue
+from node.spool import Spool
+from node.worker import Worker
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+QUEUE_FILE = "queue.sqlite"
+
+
+class WorkerStartError(RuntimeError):
+    """The worker process could not start (bad weights, no GPU, unreadable database...)."""
+
+
+def die_with_parent() -> None:
+    """Linux: the kernel kills this process when the process that started it dies, so that a SIGKILLed node never
+    leaves a worker behind to compete with the next one."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        log.warning("cannot ask to die with the parent process (not Linux?)")
+
+
+def run(launch: Launch, wake: Event, wake_sender: Event, messages: multiprocessing.Queue) -> None:
+    """The worker process's main function."""
+    die_with_parent()
+    settings = launch.settings()
+    configure_logging(settings.node.log_level)
+    holder = [settings]
+    try:
+        queue = SQLiteQueue(settings.node.data_dir / QUEUE_FILE)
+        predictor = load_predictor(settings)
+    except Exception as error:  # bad weights, no GPU, unreadable database: say why, and stop
+        messages.put(("error", f"{type(error).__name__}: {error}"))
+        return
+    spool = Spool(settings.node.data_dir)
+
+    def report(name: str, value: float) -> None:
+        messages.put(("metric", name, value))
+
+    worker = Worker(lambda: holder[0], queue, spool, predictor, wake, wake_sender, report)
+    stopped = threading.Event()
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        stopped.set()
+
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        new = reloaded(launch, holder[0])
+        if new is not None:
+            holder[0] = new
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the node, which stops the worker in order
+    signal.signal(signal.SIGHUP, on_hangup)
+    worker.start()
+    messages.put(("ready", predictor.model_version))
+    stopped.wait()
+    worker.stop()
+    queue.close()
+
+
+class WorkerProcess:
+    """The receiving process's handle on the worker process: start it, hear from it, restart it, stop it."""
+
+    def __init__(self, launch: Launch, queue: SQLiteQueue, metrics: Metrics, wake_sender: Event | None = None):
+        self.context = multiprocessing.get_context("spawn")
+        self.launch = launch
+        self.queue = queue
+        self.metrics = metrics
+        self.wake = self.context.Event()
+        self.wake_sender = wake_sender or self.context.Event()
+        self.messages: multiprocessing.Queue = self.context.Queue()
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.model_version: str | None = None
+        self.stopping = threading.Event()
+        self._started = threading.Event()
+        self._error: str | None = None
+        self.pump = threading.Thread(target=self._pump, name="worker-messages", daemon=True)
+        self.supervisor = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
+
+    def start(self, timeout: float = 600.0) -> str:
+        """Start the worker and wait until its models are loaded; its model version, or WorkerStartError."""
+        self.pump.start()
+        self._spawn(timeout)
+        self.supervisor.start()
+        assert self.model_version is not None
+        return self.model_version
+
+    def _spawn(self, timeout: float) -> None:
+        self._started.clear()
+        self._error = None
+        self.model_version = None
+        self.process = self.context.Process(
+            target=run, args=(self.launch, self.wake, self.wake_sender, self.messages), name="worker", daemon=False
+        )
+        self.process.start()
+        deadline = time.monotonic() + timeout
+        while not self._started.wait(0.2):
+            if self._error:
+                why = self._error
+            elif not self.process.is_alive():
+                why = f"it exited with code {self.process.exitcode}"
+            elif time.monotonic() > deadline:
+                why = f"not ready after {timeout:.0f} s"
+            else:
+                continue
+            if self.process.is_alive():
+                self.process.kill()
+            self.process.join(5)
+            raise WorkerStartError(f"the worker process could not start: {why}")
+        self.wake.set()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                message = self.messages.get(timeout=1.0)
+            except Empty:
+                if self.stopping.is_set() and not (self.process and self.process.is_alive()):
+                    return
+                continue
+            except (EOFError, OSError):
+                return
+            kind = message[0]
+            if kind == "metric":
+                self.metrics.record(message[1], message[2])
+            elif kind == "ready":
+                self.model_version = message[1]
+                self._started.set()
+            elif kind == "error":
+                self._error = message[1]
+
+    def _supervise(self) -> None:
+        """A worker that dies on its own (out of memory, a crash in a native library) is started again; the jobs
+        it had claimed go back to `received` first."""
+        while not self.stopping.wait(1.0):
+            process = self.process
+            if process is None or process.is_alive():
+                continue
+            log.error("worker process exited with code %s; restarting it in 5 s", process.exitcode)
+            if self.stopping.wait(5.0):
+                return
+            resumed = self.queue.recover()
+            log.info("%d job(s) the worker had in hand are queued again", resumed)
+            try:
+                self._spawn(600.0)
+            except WorkerStartError as error:
+                log.error("%s; trying again", error)
+
+    def reload(self) -> None:
+        if self.process is not None and self.process.is_alive() and self.process.pid is not None:
+            os.kill(self.process.pid, signal.SIGHUP)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Ask the worker to finish what it has in hand and stop (SIGTERM); SIGKILL if it does not in time."""
+        self.stopping.set()
+        process = self.process
+        if process is not None and process.is_alive():
+            process.terminate()
+            process.join(timeout)
+            if process.is_alive():
+                log.warning("worker did not stop in %.0f s; killing it", timeout)
+                process.kill()
+                process.join(5)
+        self.pump.join(5)
