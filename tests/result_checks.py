@@ -118,3 +118,30 @@ def check_report(
             assert area is None
         else:
             assert area == pytest.approx(masks[number].sum() * spacing[0] * spacing[1])
+
+
+def check_close(source: Dataset, finding: Finding, seg: hd.seg.Segmentation, sr: hd.sr.EnhancedSR) -> None:
+    """The SEG and SR say what `finding` says, up to floating-point differences: the same image run by itself and
+    in a batch with others gives results that differ in the last bits (the math library picks other kernels for
+    other batch sizes), which can move a box by a millionth of a pixel and a mask by a pixel at its edge."""
+    pixels = seg.get_pixels_by_source_instance(
+        [source.SOPInstanceUID], segment_numbers=[OPACITY_SEGMENT, RIGHT_LUNG_SEGMENT, LEFT_LUNG_SEGMENT]
+    )[0]
+    for index, mask in enumerate((finding.opacity_mask, finding.right_lung, finding.left_lung)):
+        differing = int(np.count_nonzero(pixels[:, :, index].astype(bool) != mask))
+        assert differing <= max(10, 0.001 * mask.sum()), f"segment {index + 1}: {differing} pixels differ"
+    report = sr.content
+    planar = report.get_planar_roi_measurement_groups()
+    boxes = np.array([g.roi.value[[0, 2]].reshape(-1) for g in planar], dtype=np.float64).reshape(-1, 4)
+    assert boxes.shape == finding.boxes.shape
+    np.testing.assert_allclose(boxes, finding.boxes, atol=0.01)
+    (image_group,) = report.get_image_measurement_groups()
+    for laterality, percent, score in (
+        (writer_codes.RIGHT, finding.severity.right, finding.extent.right),
+        (writer_codes.LEFT, finding.severity.left, finding.extent.left),
+        (writer_codes.BILATERAL, finding.severity.total, finding.extent.total),
+    ):
+        assert measurement_value(image_group, writer_codes.EXTENT, laterality) == pytest.approx(percent, abs=0.05)
+        assert measurement_value(image_group, writer_codes.GEOGRAPHIC_EXTENT_SCORE, laterality) == score
+    evidence = {uid for _, _, uid, _ in sr.get_evidence(current_procedure_only=True)}
+    assert evidence == {source.SOPInstanceUID, seg.SOPInstanceUID}

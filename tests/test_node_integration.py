@@ -28,8 +28,7 @@ from dicom_peers import (
 from dicom_validation import assert_valid_dicom
 from models import Predictor
 from node.pixels import prepare
-from node.writers import pixel_spacing_mm
-from result_checks import check_report, check_segmentation
+from result_checks import check_close
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +111,8 @@ def test_end_to_end_with_dcmtk(images: list[SentImage], tmp_path: Path) -> None:
     assert "View Position LL" in states[images[-2].sop_instance_uid]["error"]
     assert "SOP Class" in states[images[-1].sop_instance_uid]["error"]
 
-    # Read back with highdicom; the numbers must be those the Predictor gives for the same file here.
+    # Read back with highdicom; the numbers must be those the Predictor gives for the same file here (up to the
+    # floating-point differences between a batch of one and the node's batches).
     predictor = Predictor.load(device="cpu")
     for image in in_scope:
         source = pydicom.dcmread(image.path)
@@ -130,8 +130,7 @@ def test_end_to_end_with_dcmtk(images: list[SentImage], tmp_path: Path) -> None:
         )
         seg = hd.seg.segread(seg_path)
         sr = hd.sr.srread(sr_path)
-        check_segmentation(source, finding, seg, predictor.model_version)
-        check_report(source, finding, seg, sr, pixel_spacing_mm(source), predictor.model_version)
+        check_close(source, finding, seg, sr)
 
 
 def test_output_profiles_per_destination(tmp_path: Path) -> None:
