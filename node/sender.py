@@ -23,7 +23,7 @@ from node.audit import AuditLog
 from node.config import Peer, SenderSettings, Settings, TLSSettings
 from node.faults import crash_point
 from node.metrics import Metrics
-from node.queue import Job, JobState, Queue
+from node.queue import Job, JobState, Queue, WakeUp
 from node.spool import Spool
 from node.statuses import DELIVERED
 
@@ -100,7 +100,7 @@ class Sender:
         settings: Callable[[], Settings],
         queue: Queue,
         spool: Spool,
-        wake: threading.Event,
+        wake: WakeUp,
         audit: AuditLog,
         metrics: Metrics,
     ) -> None:

@@ -35,7 +35,7 @@ from node.faults import crash_point
 from node.outputs import write_results
 from node.overlay import render_overlay
 from node.pixels import prepare
-from node.queue import Job, JobState, Queue
+from node.queue import Job, JobState, Queue, WakeUp
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ class Worker:
         queue: Queue,
         spool: Spool,
         predictor: Predictor,
-        wake: threading.Event,
-        wake_sender: threading.Event,
+        wake: WakeUp,
+        wake_sender: WakeUp,
         report: Report,
     ) -> None:
         self.settings = settings

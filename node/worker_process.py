@@ -20,7 +20,6 @@ import os
 import signal
 import threading
 import time
-from multiprocessing.synchronize import Event
 from queue import Empty
 from types import FrameType
 
@@ -36,6 +35,38 @@ PR_SET_PDEATHSIG = 1
 QUEUE_FILE = "queue.sqlite"
 
 
+class Doorbell:
+    """A wake-up call between processes that survives either side being killed.
+
+    `multiprocessing.Event` is a condition variable behind a lock: a process SIGKILLed while it holds that lock
+    (every `wait(timeout)` takes it briefly) leaves it held for ever, and the next `set()` in the other process
+    blocks — the receiving thread with it. A counting semaphore (sem_post / sem_timedwait) has no owner to die:
+    `set` rings, `wait` waits for a ring, `clear` forgets the rings not yet heard. Same methods as threading.Event,
+    so the worker and the sender take either."""
+
+    MAX_RINGS = 8  # rings beyond this add nothing: one wake-up drains the queue
+
+    def __init__(self, context: multiprocessing.context.BaseContext) -> None:
+        self._rings = context.Semaphore(0)
+
+    def set(self) -> None:
+        if self._rings.get_value() < self.MAX_RINGS:
+            self._rings.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        rang = self._rings.acquire(timeout=timeout)
+        if rang:
+            self._rings.release()  # like Event.wait, waiting does not clear
+        return rang
+
+    def clear(self) -> None:
+        while self._rings.acquire(False):
+            pass
+
+    def is_set(self) -> bool:
+        return self._rings.get_value() > 0
+
+
 class WorkerStartError(RuntimeError):
     """The worker process could not start (bad weights, no GPU, unreadable database...)."""
 
@@ -49,7 +80,7 @@ def die_with_parent() -> None:
         log.warning("cannot ask to die with the parent process (not Linux?)")
 
 
-def run(launch: Launch, wake: Event, wake_sender: Event, messages: multiprocessing.Queue) -> None:
+def run(launch: Launch, wake: Doorbell, wake_sender: Doorbell, messages: multiprocessing.Queue) -> None:
     """The worker process's main function."""
     die_with_parent()
     settings = launch.settings()
@@ -90,13 +121,15 @@ def run(launch: Launch, wake: Event, wake_sender: Event, messages: multiprocessi
 class WorkerProcess:
     """The receiving process's handle on the worker process: start it, hear from it, restart it, stop it."""
 
-    def __init__(self, launch: Launch, queue: SQLiteQueue, metrics: Metrics, wake_sender: Event | None = None):
+    def __init__(self, launch: Launch, queue: SQLiteQueue, metrics: Metrics):
         self.context = multiprocessing.get_context("spawn")
         self.launch = launch
         self.queue = queue
         self.metrics = metrics
-        self.wake = self.context.Event()
-        self.wake_sender = wake_sender or self.context.Event()
+        self.wake = Doorbell(self.context)
+        self.wake_sender = Doorbell(self.context)
+        # A new message queue for every worker: a worker killed while writing leaves the old one's lock held
+        # and half a message in its pipe.
         self.messages: multiprocessing.Queue = self.context.Queue()
         self.process: multiprocessing.process.BaseProcess | None = None
         self.model_version: str | None = None
@@ -118,6 +151,8 @@ class WorkerProcess:
         self._started.clear()
         self._error = None
         self.model_version = None
+        if self.process is not None:
+            self.messages = self.context.Queue()
         self.process = self.context.Process(
             target=run, args=(self.launch, self.wake, self.wake_sender, self.messages), name="worker", daemon=False
         )
@@ -141,13 +176,17 @@ class WorkerProcess:
     def _pump(self) -> None:
         while True:
             try:
-                message = self.messages.get(timeout=1.0)
+                message = self.messages.get(timeout=1.0)  # re-read each time: a restarted worker has a new queue
             except Empty:
                 if self.stopping.is_set() and not (self.process and self.process.is_alive()):
                     return
                 continue
-            except (EOFError, OSError):
-                return
+            except Exception:  # a worker killed mid-message leaves half of it in the pipe
+                if self.stopping.is_set():
+                    return
+                log.warning("unreadable message from the worker process (it was killed while writing?)")
+                time.sleep(1.0)
+                continue
             kind = message[0]
             if kind == "metric":
                 self.metrics.record(message[1], message[2])

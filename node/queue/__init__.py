@@ -150,3 +150,14 @@ class Queue(Protocol):
         """At start-up: jobs left in `inferring` or `writing` by a crash go back to `received`. Returns how many."""
 
     def close(self) -> None: ...
+
+
+class WakeUp(Protocol):
+    """How one stage tells the next that the queue has work for it: `threading.Event` within a process,
+    `node.worker_process.Doorbell` between processes. A missed call costs at most the stage's one-second poll."""
+
+    def set(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+    def clear(self) -> None: ...
