@@ -1,11 +1,13 @@
 """Ingest: how fast the node takes images, against DCMTK's storescp receiving the same files in the same run.
 
-    python bench/ingest.py [--n 40] [--size 2300 2200] [--json OUT]
+    python bench/ingest.py [--n 40] [--rounds 3] [--size 2300 2200] [--json OUT]
 
 N synthetic DX files of about 10 MB (16-bit, 2300 x 2200) are sent with DCMTK storescu over 1 and over 4 parallel
 associations, to a plain storescp (`--fork` for the parallel case, its multi-process mode) and to cxrnode with its
 durable writes (fsync of file and folder, SQLite synchronous=FULL) and the models running on what arrives.
-Images/s is N over the wall time of the sending; the ratio is cxrnode's over storescp's.
+Images/s is N over the wall time of the sending; the ratio is cxrnode's over storescp's. The two alternate,
+`--rounds` times each (a fresh node, with an empty queue, every round), and the medians are reported: on a shared
+machine one run of either can be off by a third.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +52,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--size", type=int, nargs=2, default=(2300, 2200), metavar=("ROWS", "COLUMNS"))
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cxrnode-ingest-"))
@@ -65,26 +69,38 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
     }
     for associations in (1, 4):
-        scp = StoreSCP(
-            "PLAIN", free_port(), work / f"plain{associations}", options=("--fork",) if associations > 1 else ()
-        ).start()
-        plain = send_parallel(scp.port, "PLAIN", files, associations)
-        scp.stop()
-        port = free_port()
-        config = write_config(work / f"node{associations}.toml", port=port, data_dir=work / f"data{associations}")
-        config.write_text(config.read_text().replace("[node]\n", "[node]\nmax_associations_per_peer = 8\n"))
-        node = NodeProcess(config, port, work / f"node{associations}.log").start()
-        try:
-            wait_for_port(port, 30)
-            ours = send_parallel(port, "CXRNODE", files, associations)
-        finally:
-            node.stop()
+        plain_runs: list[float] = []
+        node_runs: list[float] = []
+        for round_ in range(args.rounds):
+            name = f"{associations}-{round_}"
+            scp = StoreSCP(
+                "PLAIN", free_port(), work / f"plain{name}", options=("--fork",) if associations > 1 else ()
+            ).start()
+            plain_runs.append(send_parallel(scp.port, "PLAIN", files, associations))
+            scp.stop()
+            subprocess.run(["rm", "-rf", str(work / f"plain{name}")], check=False)
+            port = free_port()
+            config = write_config(work / f"node{name}.toml", port=port, data_dir=work / f"data{name}")
+            config.write_text(config.read_text().replace("[node]\n", "[node]\nmax_associations_per_peer = 8\n"))
+            node = NodeProcess(config, port, work / f"node{name}.log").start()
+            try:
+                wait_for_port(port, 30)
+                node_runs.append(send_parallel(port, "CXRNODE", files, associations))
+            finally:
+                node.stop()
+            subprocess.run(["rm", "-rf", str(work / f"data{name}")], check=False)
+        plain, ours = statistics.median(plain_runs), statistics.median(node_runs)
         results[f"{associations}_association"] = {
             "storescp_images_per_s": args.n / plain,
             "cxrnode_images_per_s": args.n / ours,
             "ratio": plain / ours,
+            "storescp_seconds": plain_runs,
+            "cxrnode_seconds": node_runs,
         }
-    print(f"{args.n} images of {megabytes:.1f} MB, {os.cpu_count()} CPU(s); durable writes on, models running")
+    print(
+        f"{args.n} images of {megabytes:.1f} MB, {os.cpu_count()} CPU(s); durable writes on, models running; "
+        f"median of {args.rounds} round(s)"
+    )
     for associations in (1, 4):
         r = results[f"{associations}_association"]
         assert isinstance(r, dict)

@@ -3,9 +3,10 @@
     python bench/soak.py [--n 1000] [--json OUT]
 
 Small synthetic radiographs (so that 1000 fit in minutes on a CPU) are sent in batches by DCMTK storescu to the node,
-which sends its results to a DCMTK storescp. The node process's RSS and open FDs are sampled from /proc after every
-batch. Reported: start (after the first 100 images, the warm-up), peak and end, the growth after warm-up in percent,
-and whether every image's results arrived.
+which sends its results to a DCMTK storescp. RSS and open FDs of the node's two processes (the receiving one and the
+worker it spawned) are sampled from /proc after every batch. Reported for each and for both together: start (after
+the first 100 images, the warm-up), peak and end, the growth after warm-up in percent; the FDs; and whether every
+image's results arrived.
 """
 
 from __future__ import annotations
@@ -30,6 +31,25 @@ def sample(pid: int) -> tuple[float, int]:
     return rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def worker_pid(node_pid: int) -> int:
+    """The worker process: the node's child started by multiprocessing's spawn (not its resource tracker)."""
+    for child in Path(f"/proc/{node_pid}/task/{node_pid}/children").read_text().split():
+        command = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"spawn_main" in command:
+            return int(child)
+    raise RuntimeError("the node has no worker process")
+
+
+def growth(samples: list[tuple[int, float, int]], warm_index: int) -> dict[str, float]:
+    start, end = samples[warm_index][1], samples[-1][1]
+    return {
+        "start": start,
+        "peak": max(s[1] for s in samples),
+        "end": end,
+        "growth_after_warmup_percent": 100 * (end - start) / start,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000)
@@ -50,7 +70,8 @@ def main() -> int:
     config = write_config(work / "node.toml", port=port, data_dir=work / "data", destination_port=pacs.port)
     node = NodeProcess(config, port, work / "node.log").start()
     assert node.process is not None
-    samples: list[tuple[int, float, int]] = []
+    worker = worker_pid(node.process.pid)
+    samples: dict[str, list[tuple[int, float, int]]] = {"receiver": [], "worker": [], "both": []}
     started = time.perf_counter()
     try:
         for first in range(0, args.n, args.batch):
@@ -75,30 +96,43 @@ def main() -> int:
             )
             for path in files:
                 path.unlink()
-            rss, fds = sample(node.process.pid)
-            samples.append((done, rss, fds))
-            print(f"{done:>5} images  RSS {rss:7.1f} MB  FDs {fds}", flush=True)
+            assert worker_pid(node.process.pid) == worker, "the worker process was restarted during the soak"
+            receiver_rss, receiver_fds = sample(node.process.pid)
+            worker_rss, worker_fds = sample(worker)
+            samples["receiver"].append((done, receiver_rss, receiver_fds))
+            samples["worker"].append((done, worker_rss, worker_fds))
+            samples["both"].append((done, receiver_rss + worker_rss, receiver_fds + worker_fds))
+            print(
+                f"{done:>5} images  RSS receiver {receiver_rss:7.1f} MB, worker {worker_rss:7.1f} MB  "
+                f"FDs {receiver_fds} + {worker_fds}",
+                flush=True,
+            )
         seconds = time.perf_counter() - started
     finally:
         node.stop()
         pacs.stop()
-    warm = next(s for s in samples if s[0] >= min(100, args.n))
-    peak_rss = max(s[1] for s in samples)
-    results = {
+    warm_index = next(i for i, s in enumerate(samples["both"]) if s[0] >= min(100, args.n))
+    results: dict[str, object] = {
         "images": args.n,
         "seconds": round(seconds, 1),
         "images_per_s": args.n / seconds,
         "results_received": len(list(pacs.folder.glob("*.dcm"))),
-        "rss_mb": {"start": warm[1], "peak": peak_rss, "end": samples[-1][1]},
-        "fds": {"start": warm[2], "peak": max(s[2] for s in samples), "end": samples[-1][2]},
-        "rss_growth_after_warmup_percent": 100 * (samples[-1][1] - warm[1]) / warm[1],
+        "rss_mb": {name: growth(series, warm_index) for name, series in samples.items()},
+        "fds": {
+            name: {"start": series[warm_index][2], "peak": max(s[2] for s in series), "end": series[-1][2]}
+            for name, series in samples.items()
+        },
         "samples": samples,
     }
-    print(
-        f"{args.n} images in {seconds:.0f} s; RSS start {warm[1]:.0f} MB, peak {peak_rss:.0f}, end {samples[-1][1]:.0f}"
-        f" ({results['rss_growth_after_warmup_percent']:+.1f} % after warm-up); FDs start {warm[2]}, "
-        f"peak {results['fds']['peak']}, end {samples[-1][2]}; {results['results_received']} result objects"
-    )
+    print(f"{args.n} images in {seconds:.0f} s; {results['results_received']} result objects")
+    for name in samples:
+        rss = results["rss_mb"][name]  # type: ignore[index]
+        fds = results["fds"][name]  # type: ignore[index]
+        print(
+            f"{name:>8}: RSS start {rss['start']:.0f} MB, peak {rss['peak']:.0f}, end {rss['end']:.0f} "
+            f"({rss['growth_after_warmup_percent']:+.1f} % after warm-up); FDs start {fds['start']}, "
+            f"peak {fds['peak']}, end {fds['end']}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -348,8 +348,8 @@ def test_a_dead_worker_process_is_restarted(small_images: list[Path], tmp_path: 
     try:
         with running_node(tmp_path, destination_port=pacs.port) as node:
             assert node.process is not None
-            workers = subprocess.run(
-                ["pgrep", "-P", str(node.process.pid), "-f", "multiprocessing"], capture_output=True, text=True
+            workers = subprocess.run(  # the spawned worker, not multiprocessing's resource tracker
+                ["pgrep", "-P", str(node.process.pid), "-f", "spawn_main"], capture_output=True, text=True
             ).stdout.split()
             assert workers, "no worker process found"
             for pid in workers:
