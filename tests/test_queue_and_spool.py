@@ -31,9 +31,27 @@ def new_job(uid: str, state: JobState = JobState.RECEIVED) -> NewJob:
 
 def test_wal_and_full_sync(tmp_path: Path) -> None:
     queue = SQLiteQueue(tmp_path / "q.sqlite")
-    db = queue._connection()
-    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with queue._borrowed() as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_short_lived_threads_do_not_leak_connections(tmp_path: Path) -> None:
+    """pynetdicom runs every association in a new thread: 200 of them, each adding a job and reading it back, must
+    leave the process with no more open files than a few concurrent ones need."""
+    queue = SQLiteQueue(tmp_path / "q.sqlite")
+    before = len(os.listdir("/proc/self/fd"))
+
+    def association(n: int) -> None:
+        job_id, _ = queue.add(new_job(f"1.2.{n}"))
+        assert queue.get(job_id) is not None
+
+    for n in range(200):
+        thread = threading.Thread(target=association, args=(n,))
+        thread.start()
+        thread.join()
+    assert len(queue.jobs(None, limit=1000)) == 200
+    assert len(os.listdir("/proc/self/fd")) - before <= 4  # one pooled connection: the database and its WAL
 
 
 def test_one_job_per_sop_instance(tmp_path: Path) -> None:

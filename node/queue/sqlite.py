@@ -1,5 +1,7 @@
 """The embedded queue backend: one SQLite file in WAL mode with synchronous=FULL, so a committed row survives a crash
-or power loss. Each thread gets its own connection; SQLite serialises the writers."""
+or power loss. Connections are lent from a pool, one caller at a time each, and go back after every transaction or
+read (a connection per thread would leak two file descriptors with every association thread pynetdicom starts);
+SQLite serialises the writers."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from node.queue import UNFINISHED, Job, JobState, NewJob, ResultObject
@@ -45,61 +48,68 @@ class QueueError(Exception):
 class SQLiteQueue:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._idle: list[sqlite3.Connection] = []  # the pool: connections no caller holds
+        self._opened: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        try:
-            self._connection().executescript(SCHEMA)  # executescript manages its own transaction
-        except sqlite3.Error as error:
-            raise QueueError(f"{self.path}: cannot create the job tables ({error})") from error
+        with self._borrowed() as db:
+            try:
+                db.executescript(SCHEMA)  # executescript manages its own transaction
+            except sqlite3.Error as error:
+                raise QueueError(f"{self.path}: cannot create the job tables ({error})") from error
 
     # -- connections ------------------------------------------------------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            try:
-                db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=FULL")
-                db.execute("PRAGMA busy_timeout=30000")
-            except sqlite3.Error as error:
-                raise QueueError(f"{self.path}: cannot open the job database ({error})") from error
-            db.row_factory = sqlite3.Row
-            self._local.db = db
-            with self._lock:
-                self._connections.append(db)
+    def _open(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.Error as error:
+            raise QueueError(f"{self.path}: cannot open the job database ({error})") from error
+        db.row_factory = sqlite3.Row
+        with self._lock:
+            self._opened.append(db)
         return db
 
-    class _Tx:
-        def __init__(self, db: sqlite3.Connection, path: Path) -> None:
-            self.db, self.path = db, path
+    @contextmanager
+    def _borrowed(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            db = self._idle.pop() if self._idle else None
+        if db is None:
+            db = self._open()
+        try:
+            yield db
+        finally:
+            with self._lock:
+                self._idle.append(db)
 
-        def __enter__(self) -> sqlite3.Connection:
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE (the write lock at once, so two writers never deadlock upgrading) ... COMMIT, or ROLLBACK
+        on any error; sqlite3 errors become QueueError."""
+        with self._borrowed() as db:
             try:
-                self.db.execute("BEGIN IMMEDIATE")
+                db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as error:
                 raise QueueError(f"{self.path}: {error}") from error
-            return self.db
-
-        def __exit__(self, kind: object, error: object, tb: object) -> None:
-            if kind is None:
-                try:
-                    self.db.execute("COMMIT")
-                    return
-                except sqlite3.Error as commit_error:
-                    self.db.execute("ROLLBACK")
-                    raise QueueError(f"{self.path}: commit failed ({commit_error})") from commit_error
-            self.db.execute("ROLLBACK")
-            if isinstance(error, sqlite3.Error):
-                raise QueueError(f"{self.path}: {error}") from error
-
-    def _transaction(self) -> SQLiteQueue._Tx:
-        return SQLiteQueue._Tx(self._connection(), self.path)
+            try:
+                yield db
+            except BaseException as error:
+                db.execute("ROLLBACK")
+                if isinstance(error, sqlite3.Error):
+                    raise QueueError(f"{self.path}: {error}") from error
+                raise
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error as commit_error:
+                db.execute("ROLLBACK")
+                raise QueueError(f"{self.path}: commit failed ({commit_error})") from commit_error
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
         try:
-            return self._connection().execute(sql, params).fetchall()
+            with self._borrowed() as db:
+                return db.execute(sql, params).fetchall()
         except sqlite3.Error as error:
             raise QueueError(f"{self.path}: {error}") from error
 
@@ -280,13 +290,13 @@ class SQLiteQueue:
 
     def close(self) -> None:
         with self._lock:
-            for db in self._connections:
+            for db in self._opened:
                 try:
                     db.close()
                 except sqlite3.Error:
                     pass
-            self._connections.clear()
-        self._local = threading.local()
+            self._opened.clear()
+            self._idle.clear()
 
 
 def _job(row: sqlite3.Row, state: JobState | None = None) -> Job:
