@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import logging
 import sys
@@ -282,9 +283,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 # -- the parser -------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from models import evaluate, synth, train, train_lungs
+# The ML commands' options come from their own modules (torchvision's get_args_parser + main), which import torch:
+# only the command being run is imported, so that `cxrnode serve` keeps torch out of the receiving process.
+ML_COMMANDS = {
+    "synth": ("models.synth", "write a synthetic chest X-ray dataset in the RSNA layout"),
+    "train": ("models.train", "train the opacity detector"),
+    "train-lungs": ("models.train_lungs", "train the lung-field segmenter"),
+    "evaluate": ("models.evaluate", "evaluate weights on a dataset"),
+}
 
+
+def build_parser(ml_command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cxrnode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -357,19 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto")
     predict.set_defaults(func=cmd_predict)
 
-    for name, module, text in (
-        ("synth", synth, "write a synthetic chest X-ray dataset in the RSNA layout"),
-        ("train", train, "train the opacity detector"),
-        ("train-lungs", train_lungs, "train the lung-field segmenter"),
-        ("evaluate", evaluate, "evaluate weights on a dataset"),
-    ):
-        sub = commands.add_parser(name, help=text, parents=[module.get_args_parser(add_help=False)])
-        sub.set_defaults(func=module.main)
+    for name, (module_name, text) in ML_COMMANDS.items():
+        if name == ml_command:
+            module = importlib.import_module(module_name)
+            sub = commands.add_parser(name, help=text, parents=[module.get_args_parser(add_help=False)])
+            sub.set_defaults(func=module.main)
+        else:
+            commands.add_parser(name, help=text, add_help=False)  # listed in --help; its options load when it runs
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
+    parser = build_parser(ml_command=words[0] if words and words[0] in ML_COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command != "serve":
         logging.basicConfig(

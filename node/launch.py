@@ -7,9 +7,12 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from models import Predictor, Thresholds
 from node.config import ConfigError, Settings, load_settings, with_command_line_peers
+
+if TYPE_CHECKING:  # the receiving process never loads torch; only the worker process does
+    from models import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,8 @@ def configure_logging(level: str) -> None:
 
 def load_predictor(settings: Settings) -> Predictor:
     """The models, with the configured thresholds in place of those recorded with the weights."""
+    from models import Predictor, Thresholds  # here, not at the top: only the worker process pays for torch
+
     inference = settings.inference
     predictor = Predictor.load(inference.weights, device=inference.device)
     recorded = predictor.thresholds

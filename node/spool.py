@@ -4,6 +4,7 @@ folder. A file is either completely there under its final name or not there at a
     data_dir/spool/<2 hex>/<SOP Instance UID>.dcm    received objects waiting for (or failed in) analysis
     data_dir/spool/tmp/                              partial receptions; emptied at start-up
     data_dir/results/<Study Instance UID>/<kind>-<SOP Instance UID>.dcm   result objects
+    data_dir/thumbnails/<job id>.png                 overlay thumbnails for the status page (not fsynced)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+THUMBNAILS = "thumbnails"  # written by node.worker, served by node.web
 
 
 class SpoolError(OSError):

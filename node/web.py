@@ -33,7 +33,7 @@ from node.config import Settings
 from node.metrics import Metrics
 from node.queue import JobState, Queue
 from node.sender import Sender
-from node.worker import THUMBNAILS
+from node.spool import THUMBNAILS
 
 log = logging.getLogger(__name__)
 

@@ -36,11 +36,10 @@ from node.outputs import write_results
 from node.overlay import render_overlay
 from node.pixels import prepare
 from node.queue import Job, JobState, Queue, WakeUp
-from node.spool import Spool
+from node.spool import THUMBNAILS, Spool
 
 log = logging.getLogger(__name__)
 
-THUMBNAILS = "thumbnails"  # data_dir/thumbnails/<job id>.png, served by node.web
 
 Report = Callable[[str, float], None]
 """How the worker reports what it did (metric name, value); node.metrics.Metrics.record applies it."""

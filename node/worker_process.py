@@ -27,7 +27,6 @@ from node.launch import Launch, configure_logging, load_predictor, reloaded
 from node.metrics import Metrics
 from node.queue.sqlite import SQLiteQueue
 from node.spool import Spool
-from node.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +81,8 @@ def die_with_parent() -> None:
 
 def run(launch: Launch, wake: Doorbell, wake_sender: Doorbell, messages: multiprocessing.Queue) -> None:
     """The worker process's main function."""
+    from node.worker import Worker  # the models, torch and highdicom: loaded in this process only
+
     die_with_parent()
     settings = launch.settings()
     configure_logging(settings.node.log_level)

@@ -352,6 +352,9 @@ def test_a_dead_worker_process_is_restarted(small_images: list[Path], tmp_path: 
                 ["pgrep", "-P", str(node.process.pid), "-f", "spawn_main"], capture_output=True, text=True
             ).stdout.split()
             assert workers, "no worker process found"
+            # Only the worker loads torch: the receiving process stays small and starts fast.
+            assert "libtorch" not in Path(f"/proc/{node.process.pid}/maps").read_text()
+            assert "libtorch" in Path(f"/proc/{workers[0]}/maps").read_text()
             for pid in workers:
                 os.kill(int(pid), signal.SIGKILL)
             assert storescu(node.port, small_images[:3]).returncode == 0  # receiving goes on meanwhile
