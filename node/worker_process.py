@@ -62,9 +62,6 @@ class Doorbell:
         while self._rings.acquire(False):
             pass
 
-    def is_set(self) -> bool:
-        return self._rings.get_value() > 0
-
 
 class WorkerStartError(RuntimeError):
     """The worker process could not start (bad weights, no GPU, unreadable database...)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from node.queue import JobState, NewJob, ResultObject
 from node.queue.sqlite import QueueError, SQLiteQueue
 from node.spool import Spool, SpoolError, safe_uid, write_durably
+from node.worker_process import Doorbell
 
 
 def new_job(uid: str, state: JobState = JobState.RECEIVED) -> NewJob:
@@ -151,3 +154,36 @@ def test_prepare_removes_partial_files(tmp_path: Path) -> None:
     (spool.results / "1.2" / ".part-9").write_bytes(b"half")
     assert spool.prepare() == 2
     assert not os.listdir(spool.temp)
+
+
+def _ring_and_die(bell: Doorbell) -> None:
+    bell.wait(timeout=0.01)  # takes and gives back what a lock-based Event would hold
+    bell.set()
+    os._exit(0)
+
+
+def test_doorbell_wakes_across_processes_and_survives_a_killed_waiter() -> None:
+    """The wake-up between the receiving and the worker process: after a waiter is killed mid-wait, a ring from
+    another process is still heard; waiting does not clear, clear() forgets every ring, excess rings are capped.
+    (The lock a killed process could leave held in multiprocessing.Event is covered end to end by
+    test_node_reliability.py::test_a_dead_worker_process_is_restarted, which hung on it.)"""
+    context = multiprocessing.get_context("spawn")
+    bell = Doorbell(context)
+    assert not bell.wait(timeout=0.05)
+    waiter = context.Process(target=Doorbell.wait, args=(bell, 60.0))
+    waiter.start()
+    time.sleep(0.5)
+    waiter.kill()
+    waiter.join()
+    ringer = context.Process(target=_ring_and_die, args=(bell,))
+    ringer.start()
+    ringer.join(30)
+    assert ringer.exitcode == 0
+    assert bell.wait(timeout=5.0)  # heard, and waiting does not clear it
+    assert bell.wait(timeout=0.05)
+    bell.clear()
+    assert not bell.wait(timeout=0.05)
+    for _ in range(100):
+        bell.set()  # rings beyond MAX_RINGS are dropped, not counted
+    bell.clear()
+    assert not bell.wait(timeout=0.05)
