@@ -131,7 +131,10 @@ def serve(
         settings.node.data_dir,
         ", ".join(p.name for p in settings.destinations_for("")) or f"{spool.results}",
     )
-    stopped.wait()
+    # Wake every second rather than wait for ever: Python runs signal handlers only in this thread, and a SIGHUP
+    # the kernel hands to another thread would otherwise wait until something else woke this one.
+    while not stopped.wait(1.0):
+        pass
     receiver.stopping.set()  # new associations are refused (transient) from now on
     deadline = time.monotonic() + settings.node.dimse_timeout_s
     while [a for a in ae.active_associations if a.is_acceptor] and time.monotonic() < deadline:
