@@ -171,6 +171,10 @@ def _job_dict(job: Any) -> dict[str, Any]:
         "error": job.error,
         "results": [r.__dict__ for r in job.results],
         "timings": job.timings,
+        "accession_number": job.accession_number,
+        "study_date": job.study_date,
+        "finding": job.finding,
+        "model_version": job.model_version,
     }
 
 

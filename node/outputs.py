@@ -27,6 +27,25 @@ from node.writers.sr import measurement_report
 KINDS = ("SEG", "SR", "GSPS", "SC")
 
 
+def finding_summary(finding: Finding) -> dict[str, object]:
+    """What the models found, small enough to keep with the job (status page, `cxrnode jobs`)."""
+    return {
+        "opacity_present": bool(finding.opacity_present),
+        "opacity_probability": round(float(finding.opacity_probability), 4),
+        "boxes": len(finding.opacities),
+        "severity_percent": {
+            "right": round(float(finding.severity.right), 1),
+            "left": round(float(finding.severity.left), 1),
+            "total": round(float(finding.severity.total), 1),
+        },
+        "extent_score": {
+            "right": int(finding.extent.right),
+            "left": int(finding.extent.left),
+            "total": int(finding.extent.total),
+        },
+    }
+
+
 def encode(ds: Dataset) -> bytes:
     buffer = BytesIO()
     dcmwrite(buffer, ds, enforce_file_format=True)

@@ -343,6 +343,8 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
         spool_path=None,
         state=JobState.SKIPPED if reason else JobState.RECEIVED,
         error=reason,
+        accession_number=str(header.get("AccessionNumber", "") or ""),
+        study_date=str(header.get("StudyDate", "") or ""),
     )
     stored = None
     try:

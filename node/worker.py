@@ -32,7 +32,7 @@ from models import Finding, Predictor
 from models.errors import ModelsError
 from node.config import Settings
 from node.faults import crash_point
-from node.outputs import write_results
+from node.outputs import finding_summary, write_results
 from node.overlay import render_overlay
 from node.pixels import prepare
 from node.queue import Job, JobState, Queue, WakeUp
@@ -238,7 +238,9 @@ class Worker:
         self.queue.add_timing(job.id, "writing", time.perf_counter() - started)
         destinations = settings.destinations_for(job.calling_ae)
         state = JobState.SENDING if destinations else JobState.DONE
-        self.queue.set_results(job.id, results, state)
+        self.queue.set_results(
+            job.id, results, state, finding=finding_summary(finding), model_version=finding.model_version
+        )
         self.report("processed", 1)
         self._thumbnail(job, item.pixels, finding)
         log.info(

@@ -12,7 +12,7 @@ else has to change.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -65,6 +65,9 @@ class NewJob:
     spool_path: str | None  # relative to the data dir; None for a skipped object that was not kept
     state: JobState = JobState.RECEIVED
     error: str | None = None
+    accession_number: str = ""
+    """Accession Number and Study Date (DICOM DA, YYYYMMDD) of the source, for the status page (never logged)."""
+    study_date: str = ""
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,13 @@ class Job:
     """Names of the destinations that have every result."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent per stage (queue_wait, inference, writing, sending), for latency reports."""
+    accession_number: str = ""
+    study_date: str = ""
+    finding: dict[str, object] | None = None
+    """What the models found, as recorded with the results (`node.outputs.finding_summary`): opacity present,
+    probability, severity % and extent per lung; None until the job has results."""
+    model_version: str | None = None
+    """The model version that made the results."""
 
 
 class Queue(Protocol):
@@ -105,8 +115,17 @@ class Queue(Protocol):
     ) -> None:
         """Move a job to `state` (only if it is in `expect`, when given); `error` is recorded, or cleared if None."""
 
-    def set_results(self, job_id: int, results: Sequence[ResultObject], state: JobState) -> None:
-        """Record the written result objects and move to `state` (sending or done) in one transaction."""
+    def set_results(
+        self,
+        job_id: int,
+        results: Sequence[ResultObject],
+        state: JobState,
+        *,
+        finding: Mapping[str, object] | None = None,
+        model_version: str | None = None,
+    ) -> None:
+        """Record the written result objects (with the finding they show and the model version that made them) and
+        move to `state` (sending or done) in one transaction."""
 
     def due(self, now: float, limit: int) -> list[Job]:
         """Jobs in `sending` whose next attempt is due, oldest first."""

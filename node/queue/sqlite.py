@@ -9,7 +9,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,10 +35,22 @@ CREATE TABLE IF NOT EXISTS jobs (
     next_attempt_at     REAL NOT NULL DEFAULT 0,
     results             TEXT NOT NULL DEFAULT '[]',
     delivered           TEXT NOT NULL DEFAULT '[]',
-    timings             TEXT NOT NULL DEFAULT '{}'
+    timings             TEXT NOT NULL DEFAULT '{}',
+    accession_number    TEXT NOT NULL DEFAULT '',
+    study_date          TEXT NOT NULL DEFAULT '',
+    finding             TEXT,
+    model_version       TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at, id);
 """
+
+# Columns added after the first release, for a queue.sqlite written by an older cxrnode.
+ADDED_COLUMNS = {
+    "accession_number": "TEXT NOT NULL DEFAULT ''",
+    "study_date": "TEXT NOT NULL DEFAULT ''",
+    "finding": "TEXT",
+    "model_version": "TEXT",
+}
 
 
 class QueueError(Exception):
@@ -54,6 +66,10 @@ class SQLiteQueue:
         with self._borrowed() as db:
             try:
                 db.executescript(SCHEMA)  # executescript manages its own transaction
+                present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+                for column, declaration in ADDED_COLUMNS.items():
+                    if column not in present:
+                        db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
             except sqlite3.Error as error:
                 raise QueueError(f"{self.path}: cannot create the job tables ({error})") from error
 
@@ -124,7 +140,7 @@ class SQLiteQueue:
             cursor = db.execute(
                 "INSERT INTO jobs (sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid,"
                 " transfer_syntax_uid, calling_ae, called_ae, peer_address, spool_path, state, error,"
-                " received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " received_at, updated_at, accession_number, study_date) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     job.sop_instance_uid,
                     job.sop_class_uid,
@@ -139,6 +155,8 @@ class SQLiteQueue:
                     job.error,
                     now,
                     now,
+                    job.accession_number,
+                    job.study_date,
                 ),
             )
             return int(cursor.lastrowid or 0), True
@@ -166,12 +184,27 @@ class SQLiteQueue:
                 params.append(expect.value)
             db.execute(sql, params)
 
-    def set_results(self, job_id: int, results: Sequence[ResultObject], state: JobState) -> None:
+    def set_results(
+        self,
+        job_id: int,
+        results: Sequence[ResultObject],
+        state: JobState,
+        *,
+        finding: Mapping[str, object] | None = None,
+        model_version: str | None = None,
+    ) -> None:
         with self._transaction() as db:
             db.execute(
                 "UPDATE jobs SET results = ?, state = ?, error = NULL, attempts = 0, next_attempt_at = 0,"
-                " delivered = '[]', updated_at = ? WHERE id = ?",
-                (json.dumps([r.__dict__ for r in results]), state.value, time.time(), job_id),
+                " delivered = '[]', finding = ?, model_version = ?, updated_at = ? WHERE id = ?",
+                (
+                    json.dumps([r.__dict__ for r in results]),
+                    state.value,
+                    None if finding is None else json.dumps(finding),
+                    model_version,
+                    time.time(),
+                    job_id,
+                ),
             )
 
     def due(self, now: float, limit: int) -> list[Job]:
@@ -320,4 +353,8 @@ def _job(row: sqlite3.Row, state: JobState | None = None) -> Job:
         results=tuple(ResultObject(**r) for r in json.loads(row["results"])),
         delivered=tuple(json.loads(row["delivered"])),
         timings=json.loads(row["timings"]),
+        accession_number=row["accession_number"],
+        study_date=row["study_date"],
+        finding=None if row["finding"] is None else json.loads(row["finding"]),
+        model_version=row["model_version"],
     )
