@@ -1,20 +1,14 @@
-"""The `cxrnode` command: parses its arguments, then calls one function per subcommand.
-
-cxrnode serve            run the node (Storage SCP → queue → inference → SEG/SR → C-STORE)
-cxrnode echo / send      C-ECHO / C-STORE to any DICOM peer
-cxrnode config check     validate a configuration file
-cxrnode jobs / resend    look at the queue; send dead jobs again
-cxrnode predict          offline: the same SEG/SR the node would send, and an overlay picture
-cxrnode synth / train / train-lungs / evaluate   the models' tools (models/)
-"""
+"""The `cxrnode` command: parses its arguments, then calls one function per subcommand."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
 import importlib
+import importlib.metadata
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -23,10 +17,28 @@ from typing import Any
 
 from models.errors import ModelsError
 from node.config import ConfigError, Settings, describe, load_settings, parse_address
+from node.service import StartupError
 
 log = logging.getLogger(__name__)
 
 EXIT_USAGE = 2
+
+DESCRIPTION = """\
+cxrnode receives chest X-rays by DICOM C-STORE, finds lung opacity with a Mask R-CNN, measures how much of each
+lung is involved, and sends the findings back as DICOM Segmentation, Structured Report and presentation state.
+
+Start here:
+  cxrnode serve --destination PACS@10.0.0.5:104    run the node (AE title CXRNODE, port 11112)
+  cxrnode echo CXRNODE@127.0.0.1:11112             check that a DICOM peer answers
+  cxrnode send CXRNODE@127.0.0.1:11112 FOLDER      send images like a modality would
+  cxrnode jobs                                     what the node received and what became of it
+
+Every command has its own --help. Configuration: config/node.toml (check a file with `cxrnode config check`).
+"""
+
+# The calling AE title of `cxrnode send` by default: not the node's own (CXRNODE), so that jobs sent by hand do not
+# look as if the node had sent them to itself.
+SEND_CALLING_AE = "CXRNODE-SEND"
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +74,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
 
+def _associate(ae: Any, address: Any) -> tuple[Any, str | None]:
+    """Associate; (association, None) when established, else (association, why not) — the peer's own reason when it
+    rejected us (A-ASSOCIATE-RJ result, source and reason), or what went wrong on the way."""
+    from pynetdicom import evt
+
+    answers: list[Any] = []
+    assoc = ae.associate(
+        address.host,
+        address.port,
+        ae_title=address.ae_title,
+        evt_handlers=[(evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))],
+    )
+    if assoc.is_established:
+        return assoc, None
+    rejection = next((a for a in answers if getattr(a, "result", None) in (0x01, 0x02)), None)
+    if rejection is not None:
+        return assoc, (
+            f"association rejected ({rejection.result_str.lower()}, by the {rejection.source_str.lower()}): "
+            f"{rejection.reason_str}"
+        )
+    if assoc.is_aborted:
+        return assoc, "association aborted by the peer"
+    return assoc, (
+        f"no association: nothing answered on {address.host}:{address.port} within {ae.acse_timeout:g} s "
+        "(is the peer running, and is that its port?)"
+    )
+
+
+def _status_text(code: int | None) -> str:
+    """A C-STORE status as its meaning: "Success", "Warning 0xB000 (Coercion of Data Elements)", ..."""
+    from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
+
+    if code is None:
+        return "no response"
+    if code == 0:
+        return "Success"
+    _, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code) or GENERAL_STATUS.get(code) or ("", "")
+    return f"{code_to_category(code)} 0x{code:04X}{f' ({meaning})' if meaning else ''}"
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -71,9 +123,9 @@ def cmd_echo(args: argparse.Namespace) -> int:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
     ae.add_requested_context(Verification)
     started = time.perf_counter()
-    assoc = ae.associate(address.host, address.port, ae_title=address.ae_title)
-    if not assoc.is_established:
-        print(f"echo {address}: association {'rejected' if assoc.is_rejected else 'failed'}", file=sys.stderr)
+    assoc, why = _associate(ae, address)
+    if why:
+        print(f"echo {address}: {why}", file=sys.stderr)
         return 1
     status = assoc.send_c_echo()
     assoc.release()
@@ -124,9 +176,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
     for sop_class, syntax in pairs:
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(address.host, address.port, ae_title=address.ae_title)
-    if not assoc.is_established:
-        print(f"send {address}: association {'rejected' if assoc.is_rejected else 'failed'}", file=sys.stderr)
+    assoc, why = _associate(ae, address)
+    if why:
+        print(f"send {address}: {why}", file=sys.stderr)
         return 1
     failures = 0
     started = time.perf_counter()
@@ -136,9 +188,8 @@ def cmd_send(args: argparse.Namespace) -> int:
             code = int(status.Status) if "Status" in status else None
             ok = code is not None and (code == 0 or code in (0xB000, 0xB006, 0xB007))
             failures += not ok
-            text = f"0x{code:04X}" if code is not None else "no response"
-            comment = f" {status.ErrorComment}" if "ErrorComment" in status else ""
-            print(f"{path}: {text}{comment}")
+            comment = f": {status.ErrorComment}" if "ErrorComment" in status else ""
+            print(f"{path}: {_status_text(code)}{comment}")
     finally:
         if assoc.is_established:
             assoc.release()
@@ -178,6 +229,22 @@ def _job_dict(job: Any) -> dict[str, Any]:
     }
 
 
+def _finding_text(finding: dict[str, Any] | None) -> str:
+    if not finding:
+        return "-"
+    severity = finding.get("severity_percent", {})
+    present = "opacity" if finding.get("opacity_present") else "none"
+    return (
+        f"{present} p={finding.get('opacity_probability', 0):.2f} "
+        f"R {severity.get('right', 0):.0f}% L {severity.get('left', 0):.0f}%"
+    )
+
+
+def _timings_text(timings: dict[str, float]) -> str:
+    stages = [("queue_wait", "wait"), ("inference", "infer"), ("writing", "write"), ("sending", "send")]
+    return " ".join(f"{short} {timings[key]:.1f}" for key, short in stages if key in timings) or "-"
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     from node.queue import JobState
     from node.service import open_queue
@@ -185,27 +252,47 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     settings = _settings(args)
     queue = open_queue(settings)
     try:
-        jobs = queue.jobs(JobState(args.state) if args.state else None, limit=args.limit)
+        state = JobState(args.state) if args.state else None
+        jobs = queue.jobs(state, limit=args.limit)
         counts = queue.counts()
     finally:
         queue.close()
+    total = counts[state] if state else sum(counts.values())
     if args.json:
         print(
             json.dumps(
-                {"counts": {k.value: v for k, v in counts.items()}, "jobs": [_job_dict(j) for j in jobs]}, indent=2
+                {
+                    "counts": {k.value: v for k, v in counts.items()},
+                    "total": total,
+                    "jobs": [_job_dict(j) for j in jobs],
+                },
+                indent=2,
             )
         )
         return 0
-    print("  ".join(f"{state.value}={n}" for state, n in counts.items()))
-    print(f"{'id':>6}  {'state':<9}  {'received':<19}  {'calling AE':<16}  {'tries':>5}  SOP Instance UID / error")
+    print("  ".join(f"{s.value}={n}" for s, n in counts.items()))
+    header = (
+        f"{'id':>6}  {'state':<9}  {'received':<19}  {'from':<16}  {'tries':>5}  {'finding':<26}  "
+        f"{'to':<16}  {'seconds':<32}  SOP Instance UID"
+    )
+    print(header)
     for job in jobs:
         received = datetime.datetime.fromtimestamp(job.received_at).isoformat(sep=" ", timespec="seconds")
+        if job.delivered:
+            to = ",".join(job.delivered)
+        elif job.state.value in ("received", "inferring", "writing", "sending", "dead"):
+            to = ",".join(p.name for p in settings.destinations_for(job.calling_ae)) or "files"
+        else:
+            to = "files" if job.results else "-"
         print(
             f"{job.id:>6}  {job.state.value:<9}  {received:<19}  {job.calling_ae:<16}  {job.attempts:>5}  "
-            f"{job.sop_instance_uid}"
+            f"{_finding_text(job.finding):<26}  {to:<16}  {_timings_text(job.timings):<32}  {job.sop_instance_uid}"
         )
         if job.error:
-            print(f"{'':>6}  {'':<9}  {'':<19}  {'':<16}  {'':>5}  ! {job.error}")
+            print(f"{'':>6}  ! {job.error}")
+    if len(jobs) < total:
+        which = f"{state.value} " if state else ""
+        print(f"showing the {len(jobs)} most recent of {total} {which}jobs; --limit N for more, --json for everything")
     return 0
 
 
@@ -219,18 +306,23 @@ def cmd_resend(args: argparse.Namespace) -> int:
     settings = _settings(args)
     queue = open_queue(settings)
     try:
-        revived = queue.revive(None if args.failed else args.jobs)
+        unknown = [job_id for job_id in args.jobs if queue.get(job_id) is None]
+        revived = queue.revive(None if args.failed else [j for j in args.jobs if j not in unknown])
     finally:
         queue.close()
+    for job_id in unknown:
+        print(f"job {job_id}: no such job (see `cxrnode jobs`)", file=sys.stderr)
     audit = AuditLog(settings.node.data_dir)
     audit.record(
         "admin", action="resend", requested=args.jobs or "--failed", jobs={job.id: job.state.value for job in revived}
     )
     for job in revived:
-        log.info("resend: job=%d sop=%s back to %s", job.id, job.sop_instance_uid, job.state.value)
         print(f"job {job.id}: {job.state.value}")
+    not_revived = sorted(set(args.jobs) - set(unknown) - {job.id for job in revived})
+    for job_id in not_revived:
+        print(f"job {job_id}: already on its way (received, inferring or writing); nothing to do")
     print(f"{len(revived)} job(s) queued again; a running node picks them up within a second")
-    return 0
+    return 1 if unknown else 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -299,9 +391,15 @@ ML_COMMANDS = {
 
 def build_parser(ml_command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cxrnode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="cxrnode", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, the DICOM libraries' (pynetdicom, highdicom) included",
+    )
+    parser.add_argument("--version", action="version", version=f"cxrnode {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the DICOM node")
@@ -323,15 +421,17 @@ def build_parser(ml_command: str | None = None) -> argparse.ArgumentParser:
 
     echo = commands.add_parser("echo", help="C-ECHO a DICOM peer")
     echo.add_argument("address", metavar="AE@HOST:PORT")
-    echo.add_argument("--calling-ae", default="CXRNODE")
-    echo.add_argument("--timeout", type=float, default=10.0)
+    echo.add_argument("--calling-ae", default="CXRNODE", help="our AE title on this association (default CXRNODE)")
+    echo.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the peer (default 10)")
     echo.set_defaults(func=cmd_echo)
 
     send = commands.add_parser("send", help="C-STORE files or folders to a DICOM peer")
     send.add_argument("address", metavar="AE@HOST:PORT")
     send.add_argument("paths", type=Path, nargs="+", metavar="PATH")
-    send.add_argument("--calling-ae", default="CXRNODE")
-    send.add_argument("--timeout", type=float, default=30.0)
+    send.add_argument(
+        "--calling-ae", default=SEND_CALLING_AE, help=f"our AE title on this association (default {SEND_CALLING_AE})"
+    )
+    send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the peer (default 30)")
     send.set_defaults(func=cmd_send)
 
     config = commands.add_parser("config", help="configuration tools")
@@ -343,10 +443,14 @@ def build_parser(ml_command: str | None = None) -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", help="list the queue's jobs")
     _config_arguments(jobs)
     jobs.add_argument(
-        "--state", choices=["received", "inferring", "writing", "sending", "done", "skipped", "failed", "dead"]
+        "--state",
+        choices=["received", "inferring", "writing", "sending", "done", "skipped", "failed", "dead"],
+        help="only jobs in this state",
     )
-    jobs.add_argument("--limit", type=int, default=50)
-    jobs.add_argument("--json", action="store_true")
+    jobs.add_argument("--limit", type=int, default=50, help="show at most this many, most recent first (default 50)")
+    jobs.add_argument(
+        "--json", action="store_true", help="machine-readable: counts, and per job its results, finding and timings"
+    )
     jobs.set_defaults(func=cmd_jobs)
 
     resend = commands.add_parser("resend", help="send jobs' results again (dead, failed, or done)")
@@ -385,20 +489,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(ml_command=words[0] if words and words[0] in ML_COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command != "serve":
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        _quiet_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except ConfigError as error:
         print(f"configuration error:\n{error}", file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, ValueError, ModelsError) as error:
+    except (FileNotFoundError, ValueError, ModelsError, StartupError) as error:
         print(f"cxrnode {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `cxrnode jobs | head`: the reader has gone, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 0
     except KeyboardInterrupt:
         return 130
+
+
+def _quiet_logging(verbose: bool) -> None:
+    """The tools print what they have to say; logging carries only warnings, and the models' progress. With -v,
+    everything, the libraries' debug output included."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not verbose:
+        logging.getLogger("models").setLevel(logging.INFO)  # training and evaluation progress
+        # pynetdicom logs a rejection or abort as errors of its own; the tools print the reason themselves.
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("cxrnode")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 if __name__ == "__main__":

@@ -643,6 +643,7 @@ def load_settings(
         for section in data:
             sources[(section,)] = default_source
         _resolve_file_paths(data, Path(path))
+        problems += _quoted_scalars(data, default_source)
 
     for name in sorted(environ):
         if not name.startswith(ENV_PREFIX) or name in ENV_NOT_SETTINGS:
@@ -718,6 +719,45 @@ def _read_toml(path: Path) -> dict[str, Any]:
         else:
             message = f"TOML syntax error: {message}"
         raise ConfigError([Problem(str(path), "", message + " (see https://toml.io)")]) from None
+
+
+def _scalar_kind(annotation: Any) -> type | None:
+    """int, float or bool when a field takes only that (Optional allowed); None otherwise."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _scalar_kind(kinds[0]) if len(kinds) == 1 else None
+    return annotation if annotation in (int, float, bool) else None
+
+
+def _quoted_scalars(data: Mapping[str, Any], source: str) -> list[Problem]:
+    """A number or true/false written in quotes in the file (`port = "11112"`): TOML has types, and a quoted number
+    is a typo worth naming, not something to convert silently."""
+    tables: list[tuple[str, type[BaseModel], Any]] = []
+    for section, table in data.items():
+        if section == "peers" and isinstance(table, list):
+            tables += [(f"peers[{i}]", Peer, t) for i, t in enumerate(table)]
+        elif section in _SECTIONS:
+            tables.append((section, _SECTIONS[section], table))
+    problems = []
+    for where, model, table in tables:
+        if not isinstance(table, dict):
+            continue
+        for key, value in table.items():
+            field = model.model_fields.get(key)
+            kind = _scalar_kind(field.annotation) if field is not None else None
+            if kind is not None and isinstance(value, str):
+                what = {int: "an integer", float: "a number", bool: "true or false"}[kind]
+                written = value.strip().lower() if kind is bool else value.strip()
+                problems.append(
+                    Problem(
+                        source,
+                        f"{where}.{key}",
+                        f"{value!r} is a quoted string; {what} goes without quotes: {key} = {written}",
+                    )
+                )
+    return problems
 
 
 def _resolve_file_paths(data: dict[str, Any], path: Path) -> None:
@@ -900,10 +940,15 @@ def with_command_line_peers(
     if not destinations and not allowed_calling_aes:
         return settings
     data = settings.model_dump()
-    names = []
+    names: list[str] = []
+    taken = {peer["name"] for peer in data["peers"]}
     for index, text in enumerate(destinations, start=1):
         address = parse_address(text)
-        name = f"destination-{index}"
+        # Named by its AE title, as the admin wrote it ("PACS"), unless that is not a valid or free peer name.
+        name = address.ae_title if _PEER_NAME.match(address.ae_title) else f"destination-{index}"
+        if name in taken:
+            name = f"{name}-{index}"
+        taken.add(name)
         data["peers"].append(
             {"name": name, "ae_title": address.ae_title, "host": address.host, "port": address.port, "may_send": False}
         )

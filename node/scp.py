@@ -447,10 +447,35 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_server(ae: AE, settings: Settings, receiver: Receiver) -> ThreadedAssociationServer:
-    """Listen. Each data set is received whole in memory, then stored by the C-STORE handler. (pynetdicom's
-    STORE_RECV_CHUNKED_DATASET would stream it to a file as it arrives, but a full disk then aborts the association
-    inside pynetdicom instead of letting the handler answer 0xA700 and clean up: not used.)"""
+class _BoundServer(ThreadedAssociationServer):
+    """pynetdicom's server binds and listens as it is made; this one only binds, and `serve_associations` listens
+    once the node is ready, so that a peer calling during start-up is refused at once rather than left waiting."""
+
+    def server_activate(self) -> None:
+        pass
+
+    def listen(self) -> None:
+        ThreadedAssociationServer.server_activate(self)
+
+
+def bind_server(ae: AE, settings: Settings) -> ThreadedAssociationServer:
+    """Take the DICOM port (bound, not yet listening): start-up fails here, before anything heavy, when the port is
+    taken or the TLS files are unusable."""
+    context = server_tls_context(settings.tls) if settings.tls.enabled else None
+    address = (settings.node.host, settings.node.port)
+    try:
+        return ae.make_server(address, ssl_context=context, server_class=_BoundServer)
+    except OSError as error:
+        raise OSError(error.errno, f"DICOM port {settings.node.host}:{settings.node.port}: {error.strerror}") from None
+
+
+def serve_associations(
+    ae: AE, server: ThreadedAssociationServer, settings: Settings, receiver: Receiver
+) -> ThreadedAssociationServer:
+    """Answer associations on a server from `bind_server`. Each data set is received whole in memory, then stored
+    by the C-STORE handler. (pynetdicom's STORE_RECV_CHUNKED_DATASET would stream it to a file as it arrives, but a
+    full disk then aborts the association inside pynetdicom instead of letting the handler answer 0xA700 and clean
+    up: not used.)"""
     handlers = [
         (evt.EVT_REQUESTED, handle_requested, [receiver]),
         (evt.EVT_C_ECHO, handle_echo),
@@ -458,15 +483,22 @@ def start_server(ae: AE, settings: Settings, receiver: Receiver) -> ThreadedAsso
         (evt.EVT_ACCEPTED, _log_accepted, [receiver]),
         (evt.EVT_REJECTED, _log_rejected, [receiver]),
     ]
-    context = server_tls_context(settings.tls) if settings.tls.enabled else None
-    server = ae.start_server(
-        (settings.node.host, settings.node.port), block=False, evt_handlers=handlers, ssl_context=context
-    )
+    for handler in handlers:
+        server.bind(*handler)
+    if isinstance(server, _BoundServer):
+        server.listen()
+    threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
+    ae._servers.append(server)  # so that AE.shutdown() stops it too, as with AE.start_server
     log.info(
         "listening as %s on %s:%d%s",
         settings.node.ae_title,
         settings.node.host,
         settings.node.port,
-        " (DICOM TLS)" if context else "",
+        " (DICOM TLS)" if server.ssl_context else "",
     )
     return server
+
+
+def start_server(ae: AE, settings: Settings, receiver: Receiver) -> ThreadedAssociationServer:
+    """Bind and serve at once (tests, tools)."""
+    return serve_associations(ae, bind_server(ae, settings), settings, receiver)

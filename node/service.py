@@ -1,13 +1,16 @@
 """`cxrnode serve`: put the stages together and run until SIGTERM / SIGINT; SIGHUP reloads peers and routing.
 
 Two processes. This one receives (the SCP), sends (the sender), serves HTTP and supervises; the worker process
-(node.worker_process) decodes, runs the models and writes the results. Start-up order: settings → data dir (partial
-files removed) → queue (interrupted jobs resumed) → the worker process, waited for until its models are loaded (fail
-fast on bad weights, before anything is acknowledged) → sender → the SCP listens.
+(node.worker_process) decodes, runs the models and writes the results. Start-up acquires every resource before
+anything heavy and fails fast: settings → the data folder's lock (one node per folder) → the DICOM and HTTP ports
+(bound, not yet answered) → queue and spool (partial files removed, interrupted jobs resumed) → the worker process,
+waited for until its models are loaded (bad weights fail here, before anything is acknowledged) → associations and
+HTTP answered, sender started.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -20,13 +23,14 @@ from types import FrameType
 from node.audit import AuditLog
 from node.config import Settings
 from node.launch import Launch, configure_logging, reloaded
+from node.lock import DataDirInUse, DataDirLock
 from node.metrics import Metrics
 from node.queue import UNFINISHED, JobState
-from node.queue.sqlite import SQLiteQueue
-from node.scp import Receiver, make_ae, start_server
+from node.queue.sqlite import QueueError, SQLiteQueue
+from node.scp import Receiver, bind_server, make_ae, serve_associations
 from node.sender import Sender
-from node.spool import Spool
-from node.web import StatusSources, start_http
+from node.spool import Spool, SpoolError
+from node.web import StatusSources, bind_http, serve_http
 from node.worker_process import QUEUE_FILE, WorkerProcess, WorkerStartError
 
 log = logging.getLogger(__name__)
@@ -70,37 +74,88 @@ def reconcile(spool: Spool, queue: SQLiteQueue) -> None:
     )
 
 
+class StartupError(RuntimeError):
+    """The node could not start; the message names what and what to do. `cxrnode serve` prints it and exits 2."""
+
+
+class PortUnavailable(OSError):
+    """The DICOM or HTTP port cannot be bound (in use, or not ours to take)."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM during start-up: stop starting. A BaseException, so that no `except Exception` on the
+    way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
 def serve(
     config_path: Path | None,
     overrides: Mapping[str, object],
     destinations: Sequence[str] = (),
     allowed_calling_aes: Sequence[str] = (),
 ) -> int:
+    """Start, run until SIGTERM / SIGINT, stop. Start-up takes every resource before anything heavy: the data
+    folder's lock, the DICOM and HTTP ports (bound, not yet answered), the queue and the spool; only then are the
+    models loaded (in the worker process) and associations answered. Any failure raises StartupError with one line
+    that names it; nothing is left running. A signal during start-up stops it; a second one during shutdown stops
+    at once."""
     launch = Launch(config_path, dict(overrides), tuple(destinations), tuple(allowed_calling_aes))
     settings = launch.settings()
     configure_logging(settings.node.log_level)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing to reload yet
+    with contextlib.ExitStack() as cleanup:
+        try:
+            return _run(launch, settings, cleanup)
+        except Interrupted as interrupted:
+            log.info("%s during start-up: stopped", interrupted)
+            return 128 + interrupted.signum
+        except (DataDirInUse, QueueError, SpoolError, WorkerStartError) as error:
+            raise StartupError(str(error)) from None
+        except PortUnavailable as error:
+            raise StartupError(f"{error}; stop whatever holds it, or choose another port") from None
+        except OSError as error:  # e.g. a data folder that cannot be created
+            raise StartupError(f"cannot start: {error}") from None
+
+
+def _run(launch: Launch, settings: Settings, cleanup: contextlib.ExitStack) -> int:
     holder = [settings]  # replaced as a whole on SIGHUP; everyone reads holder[0]
 
     def current() -> Settings:
         return holder[0]
 
+    cleanup.enter_context(DataDirLock(settings.node.data_dir))
+    ae = make_ae(settings)
+    try:
+        server = bind_server(ae, settings)
+        cleanup.callback(server.server_close)
+        http = bind_http(settings)
+        if http is not None:
+            cleanup.callback(http.server_close)
+    except OSError as error:
+        raise PortUnavailable(str(error.strerror or error)) from None
     spool = Spool(settings.node.data_dir)
     queue = open_queue(settings)
+    cleanup.callback(queue.close)
     reconcile(spool, queue)
     audit = AuditLog(settings.node.data_dir)
     metrics = Metrics(queue)
     os.environ[MAIN_PID] = str(os.getpid())
     worker = WorkerProcess(launch, queue, metrics)
-    try:
-        model_version = worker.start()
-    except WorkerStartError as error:
-        log.error("%s", error)
-        worker.stop()
-        return 2
+    cleanup.callback(lambda: worker.pump.ident is not None and worker.stop())
+    model_version = worker.start()  # the models load here; a signal meanwhile stops the start-up
     sender = Sender(current, queue, spool, worker.wake_sender, audit, metrics)
     stopped = threading.Event()
+    hurry = threading.Event()
 
-    # Handlers before the port opens: a SIGHUP or SIGTERM that arrives as soon as peers can connect is obeyed.
     def on_hangup(signum: int, frame: FrameType | None) -> None:
         new = reloaded(launch, holder[0])
         if new is not None:
@@ -108,22 +163,32 @@ def serve(
         worker.reload()
 
     def on_stop(signum: int, frame: FrameType | None) -> None:
-        log.info("%s: shutting down", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stopped.is_set():  # a second signal: stop now, without waiting for associations or the batch in hand
+            log.warning("%s again: stopping now", name)
+            hurry.set()
+            process = worker.process
+            if process is not None and process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGKILL)  # what it had claimed is resumed at the next start
+            return
+        log.info("%s: shutting down (again to stop at once)", name)
         stopped.set()
 
     signal.signal(signal.SIGHUP, on_hangup)
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
 
-    ae = make_ae(settings)
     receiver = Receiver(current, spool, queue, worker.wake, audit, metrics)
-    server = start_server(ae, settings, receiver)
-    http = start_http(
-        StatusSources(
-            current, queue, metrics, sender, lambda: worker.model_version, receiver.low_on_disk, settings.node.data_dir
-        )
+    sources = StatusSources(
+        current, queue, metrics, sender, lambda: worker.model_version, receiver.low_on_disk, settings.node.data_dir
     )
+    try:  # listen; two nodes that bound the same port at the same moment (SO_REUSEADDR) part here
+        serve_associations(ae, server, settings, receiver)
+        serve_http(http, sources)
+    except OSError as error:
+        raise PortUnavailable(f"cannot listen on a port bound at start-up: {error.strerror or error}") from None
     sender.start()
+    cleanup.callback(sender.stop)
     worker.wake_sender.set()
     log.info(
         "ready: %s, data in %s, results to %s",
@@ -137,13 +202,13 @@ def serve(
         pass
     receiver.stopping.set()  # new associations are refused (transient) from now on
     deadline = time.monotonic() + settings.node.dimse_timeout_s
-    while [a for a in ae.active_associations if a.is_acceptor] and time.monotonic() < deadline:
+    while [a for a in ae.active_associations if a.is_acceptor] and time.monotonic() < deadline and not hurry.is_set():
         time.sleep(0.1)  # let open associations finish their C-STOREs and release
-    server.shutdown()  # anything still open is aborted; an unanswered C-STORE was never acknowledged
+    server.shutdown()
+    for association in ae.active_associations:  # still open: aborted; an unanswered C-STORE was never acknowledged
+        association.abort()
     if http is not None:
         http.shutdown()
-    worker.stop()  # finishes the batch in hand; what it had claimed is resumed at the next start
-    sender.stop()
-    queue.close()
+    worker.stop(timeout=5.0 if hurry.is_set() else 60.0)  # finishes the batch in hand; the rest resumes next start
     log.info("stopped")
     return 0

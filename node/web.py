@@ -233,13 +233,30 @@ def make_handler(sources: StatusSources) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def start_http(sources: StatusSources) -> ThreadingHTTPServer | None:
-    http = sources.settings().http
+def bind_http(settings: Settings) -> ThreadingHTTPServer | None:
+    """Take the HTTP port (bound, not yet listening); None when `[http] port` is 0. Raises OSError naming the port
+    when it is taken."""
+    http = settings.http
     if not http.port:
         return None
-    server = ThreadingHTTPServer((http.host, http.port), make_handler(sources))
+    server = ThreadingHTTPServer((http.host, http.port), BaseHTTPRequestHandler, bind_and_activate=False)
+    try:
+        server.server_bind()
+    except OSError as error:
+        server.server_close()
+        raise OSError(error.errno, f"HTTP port {http.host}:{http.port}: {error.strerror}") from None
     server.daemon_threads = True
+    return server
+
+
+def serve_http(server: ThreadingHTTPServer | None, sources: StatusSources) -> ThreadingHTTPServer | None:
+    """Answer requests on a server from `bind_http`."""
+    if server is None:
+        return None
+    server.RequestHandlerClass = make_handler(sources)
+    server.server_activate()  # listen
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    http = sources.settings().http
     log.info(
         "HTTP on %s:%d: /metrics /healthz /readyz and the status page%s",
         http.host,
