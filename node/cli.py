@@ -90,10 +90,8 @@ def _associate(ae: Any, address: Any) -> tuple[Any, str | None]:
         return assoc, None
     rejection = next((a for a in answers if getattr(a, "result", None) in (0x01, 0x02)), None)
     if rejection is not None:
-        return assoc, (
-            f"association rejected ({rejection.result_str.lower()}, by the {rejection.source_str.lower()}): "
-            f"{rejection.reason_str}"
-        )
+        lasting = "permanent" if rejection.result == 0x01 else "transient: try again later"
+        return assoc, f"association rejected by the {rejection.source_str.lower()} ({lasting}): {rejection.reason_str}"
     if assoc.is_aborted:
         return assoc, "association aborted by the peer"
     return assoc, (
@@ -489,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(ml_command=words[0] if words and words[0] in ML_COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command != "serve":
-        _quiet_logging(args.verbose)
+        _quiet_logging(args.verbose, progress=args.command in ML_COMMANDS)
     try:
         return int(args.func(args) or 0)
     except ConfigError as error:
@@ -505,14 +503,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _quiet_logging(verbose: bool) -> None:
-    """The tools print what they have to say; logging carries only warnings, and the models' progress. With -v,
-    everything, the libraries' debug output included."""
+def _quiet_logging(verbose: bool, progress: bool) -> None:
+    """The tools print what they have to say; logging carries only warnings (and, for the ML commands, the models'
+    progress). With -v, everything, the libraries' debug output included."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if not verbose:
+    if not verbose and progress:
         logging.getLogger("models").setLevel(logging.INFO)  # training and evaluation progress
+    if not verbose:
         # pynetdicom logs a rejection or abort as errors of its own; the tools print the reason themselves.
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
 

@@ -336,7 +336,7 @@ def test_cxrnode_send_a_folder(small_images: list[Path], tmp_path: Path) -> None
             timeout=120,
         )
         assert sent.returncode == 0, sent.stderr
-        assert "sent 2 of 2" in sent.stdout and sent.stdout.count(": 0x0000") == 2
+        assert "sent 2 of 2" in sent.stdout and sent.stdout.count(": Success") == 2
         assert "notes.txt: skipped, not a DICOM file" in sent.stderr
         assert len(jobs(node)["jobs"]) == 2
 
