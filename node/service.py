@@ -76,6 +76,7 @@ def serve(
     destinations: Sequence[str] = (),
     allowed_calling_aes: Sequence[str] = (),
 ) -> int:
+    started_at = time.time()
     launch = Launch(config_path, dict(overrides), tuple(destinations), tuple(allowed_calling_aes))
     settings = launch.settings()
     configure_logging(settings.node.log_level)
@@ -120,7 +121,14 @@ def serve(
     server = start_server(ae, settings, receiver)
     http = start_http(
         StatusSources(
-            current, queue, metrics, sender, lambda: worker.model_version, receiver.low_on_disk, settings.node.data_dir
+            current,
+            queue,
+            metrics,
+            sender,
+            lambda: worker.model_version,
+            receiver.low_on_disk,
+            settings.node.data_dir,
+            started_at=started_at,
         )
     )
     sender.start()
