@@ -144,7 +144,7 @@ h2{{font-size:1.15em;margin:1em 0 .2em}} a{{color:#0b57d0}}
 table{{border-collapse:collapse;margin:.5em 0 1em}} td,th{{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;
 vertical-align:top}} .n{{text-align:right}} .err{{color:#b00020;max-width:16em}} .none{{color:#999}}
 .uid{{font-family:monospace;font-size:11px;color:#555;word-break:break-all}} .study{{max-width:15em}}
-.present{{color:#b00020}} .absent{{color:#1b7f3b}} small{{color:#555}} .timings{{white-space:nowrap}}
+.present{{color:#b00020}} .absent{{color:#1b7f3b}} small{{color:#555}} .timings,.finding,.n{{white-space:nowrap}}
 img{{height:96px}} .banner{{background:#fff3cd;padding:6px 10px;display:inline-block}}
 </style></head><body>
 <h1>cxrnode — {e(node["ae_title"])} on {e(node["host"])}:{node["port"]}{" (TLS)" if node["tls"] else ""}</h1>
@@ -160,7 +160,7 @@ img{{height:96px}} .banner{{background:#fff3cd;padding:6px 10px;display:inline-b
 <h2>Peers and destinations</h2>
 <table id=peers><tr><th>name</th><th>AE title</th><th>address</th><th>may send</th><th>receives</th>
 <th>last delivery</th><th>last error</th></tr>{peers}</table>
-<h2>Jobs <small>({shown}; newest first)</small></h2>
+<h2 id=shown>Jobs <small>({shown}; newest first)</small></h2>
 <p id=paging>{" · ".join(navigation)}</p>
 <table id=jobs><tr><th>job</th><th>state</th><th>received</th><th>study</th><th>finding</th><th>severity</th>
 <th>extent</th><th>timings</th><th>model</th><th>results</th><th>error</th><th>overlay</th></tr>{jobs}</table>

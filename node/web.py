@@ -116,12 +116,12 @@ class JobsPage:
     def from_query(cls, query: dict[str, list[str]]) -> JobsPage:
         """Raise ValueError naming the parameter, the value and what is allowed."""
 
-        def whole(name: str, low: int, high: int) -> int | None:
+        def whole(name: str, high: int, what: str) -> int | None:
             text = query.get(name, [""])[0]
             if not text:
                 return None
-            if not text.isdigit() or not low <= int(text) <= high:
-                raise ValueError(f"{name}={text!r}: give a whole number from {low} to {high}")
+            if not text.isdigit() or not 1 <= int(text) <= high:
+                raise ValueError(f"{name}={text!r}: give {what}")
             return int(text)
 
         state = query.get("state", [""])[0]
@@ -129,8 +129,8 @@ class JobsPage:
             raise ValueError(f"state={state!r}: choose one of {', '.join(s.value for s in JobState)}")
         return cls(
             state=JobState(state) if state else None,
-            before=whole("before", 1, 2**63 - 1),
-            limit=whole("limit", 1, MAX_PAGE) or cls.limit,
+            before=whole("before", 2**63 - 1, "a job id (a whole number, 1 or more)"),
+            limit=whole("limit", MAX_PAGE, f"a whole number from 1 to {MAX_PAGE}") or cls.limit,
         )
 
 
