@@ -120,7 +120,7 @@ class JobsPage:
             text = query.get(name, [""])[0]
             if not text:
                 return None
-            if not text.isdigit() or not 1 <= int(text) <= high:
+            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= high:
                 raise ValueError(f"{name}={text!r}: give {what}")
             return int(text)
 

@@ -68,6 +68,7 @@ def test_query_is_checked() -> None:
     for query, message in (
         ({"before": ["x"]}, "before='x': give a job id (a whole number, 1 or more)"),
         ({"before": ["-3"]}, "before='-3'"),
+        ({"before": ["²"]}, "before='²'"),
         ({"limit": ["0"]}, "limit='0': give a whole number from 1 to 500"),
         ({"limit": ["501"]}, "limit='501'"),
         ({"state": ["finished"]}, "state='finished': choose one of received, inferring"),
