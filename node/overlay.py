@@ -54,11 +54,18 @@ def render_overlay(pixels: np.ndarray, finding: Finding, max_side: int = 1024) -
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=BOX_COLOUR, width=width)
         draw.text((x0 + 3, y0 + 2), f"opacity {opacity_item.score:.2f}", fill=BOX_COLOUR, font=font)
     s = finding.severity
-    text = (
-        f"opacity {'present' if finding.opacity_present else 'absent'} (p={finding.opacity_probability:.2f})  "
-        f"severity {s.total:.1f}% (R {s.right:.1f}%, L {s.left:.1f}%)  extent {finding.extent.total}/8"
-    )
-    draw.rectangle((0, 0, size[0], font.size + 8), fill=(0, 0, 0))
-    draw.text((4, 3), text, fill=(255, 255, 255), font=font)
+    parts = [
+        f"opacity {'present' if finding.opacity_present else 'absent'} (p={finding.opacity_probability:.2f})",
+        f"severity {s.total:.1f}% (R {s.right:.1f}%, L {s.left:.1f}%)",
+        f"extent {finding.extent.total}/8",
+    ]
+    lines = [parts[0]]  # as many parts on a line as fit the width, so that none is cut off
+    for part in parts[1:]:
+        if draw.textlength(f"{lines[-1]}  {part}", font=font) <= size[0] - 8:
+            lines[-1] += f"  {part}"
+        else:
+            lines.append(part)
+    draw.rectangle((0, 0, size[0], len(lines) * (font.size + 4) + 4), fill=(0, 0, 0))
+    draw.multiline_text((4, 3), "\n".join(lines), fill=(255, 255, 255), font=font, spacing=4)
     draw.text((4, size[1] - font.size - 6), "cxrnode — not for diagnostic use", fill=(200, 200, 200), font=font)
     return picture

@@ -106,6 +106,7 @@ def serve(
     models loaded (in the worker process) and associations answered. Any failure raises StartupError with one line
     that names it; nothing is left running. A signal during start-up stops it; a second one during shutdown stops
     at once."""
+    started_at = time.time()
     launch = Launch(config_path, dict(overrides), tuple(destinations), tuple(allowed_calling_aes))
     settings = launch.settings()
     configure_logging(settings.node.log_level)
@@ -114,7 +115,7 @@ def serve(
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing to reload yet
     with contextlib.ExitStack() as cleanup:
         try:
-            return _run(launch, settings, cleanup)
+            return _run(launch, settings, cleanup, started_at)
         except Interrupted as interrupted:
             log.info("%s during start-up: stopped", interrupted)
             return 128 + interrupted.signum
@@ -126,7 +127,7 @@ def serve(
             raise StartupError(f"cannot start: {error}") from None
 
 
-def _run(launch: Launch, settings: Settings, cleanup: contextlib.ExitStack) -> int:
+def _run(launch: Launch, settings: Settings, cleanup: contextlib.ExitStack, started_at: float) -> int:
     holder = [settings]  # replaced as a whole on SIGHUP; everyone reads holder[0]
 
     def current() -> Settings:
@@ -180,7 +181,14 @@ def _run(launch: Launch, settings: Settings, cleanup: contextlib.ExitStack) -> i
 
     receiver = Receiver(current, spool, queue, worker.wake, audit, metrics)
     sources = StatusSources(
-        current, queue, metrics, sender, lambda: worker.model_version, receiver.low_on_disk, settings.node.data_dir
+        current,
+        queue,
+        metrics,
+        sender,
+        lambda: worker.model_version,
+        receiver.low_on_disk,
+        settings.node.data_dir,
+        started_at=started_at,
     )
     try:  # listen; two nodes that bound the same port at the same moment (SO_REUSEADDR) part here
         serve_associations(ae, server, settings, receiver)

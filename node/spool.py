@@ -5,6 +5,7 @@ folder. A file is either completely there under its final name or not there at a
     data_dir/spool/tmp/                              partial receptions; emptied at start-up
     data_dir/results/<Study Instance UID>/<kind>-<SOP Instance UID>.dcm   result objects
     data_dir/thumbnails/<job id>.png                 overlay thumbnails for the status page (not fsynced)
+    data_dir/overlays/<job id>.jpg                   the same overlays at full size (long side up to 1600 px)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 THUMBNAILS = "thumbnails"  # written by node.worker, served by node.web
+OVERLAYS = "overlays"  # likewise, full size
 
 
 class SpoolError(OSError):

@@ -1,27 +1,36 @@
 """The node's HTTP side (read-only): Prometheus metrics, health and readiness, and a status page.
 
-    /metrics        Prometheus text format, cxrnode_* series
-    /healthz        200 while the process runs
-    /readyz         200 when the model is loaded, the queue database takes writes and the disk is above its
-                    low-water mark; else 503 with the reasons (JSON)
-    /               the status page: this node, its peers and destinations, the queue, recent jobs with overlays
-    /api/status     the same as JSON
-    /thumbnails/N.png   the overlay picture of job N
+    /metrics            Prometheus text format, cxrnode_* series
+    /healthz            200 while the process runs
+    /readyz             200 when the model is loaded, the queue database takes writes and the disk is above its
+                        low-water mark; else 503 with the reasons (JSON)
+    /                   the status page (node.status_page): this node, uptime, throughput, free disk, its peers and
+                        destinations, the queue, and the jobs with their findings, newest first, a page at a time
+    /api/status         the same as JSON
+        ?state=S        only the jobs in state S (received, inferring, ..., dead)
+        ?before=N       only the jobs older than job N (the next page: `paging.next_before`)
+        ?limit=L        jobs per page (1 to 500, default 20)
+    /thumbnails/N.png   the overlay picture of job N, small
+    /overlays/N.jpg     the same, full size
 
-Everything but /healthz and /readyz needs the token when one is configured.
+Everything but /healthz and /readyz needs the token when one is configured. The page shows Accession Number and
+Study Date, never a patient's name, ID or birth date; nothing from a job's study is logged.
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime
 import hmac
-import html
 import json
 import logging
 import re
+import shutil
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -31,11 +40,46 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from node.config import Settings
 from node.metrics import Metrics
-from node.queue import JobState, Queue
+from node.queue import Job, JobState, Queue
 from node.sender import Sender
-from node.spool import THUMBNAILS
+from node.spool import OVERLAYS, THUMBNAILS
+from node.status_page import status_page
 
 log = logging.getLogger(__name__)
+
+PROCESSED = "cxrnode_images_processed_total"
+WINDOWS_MIN = (5, 60)
+"""Throughput windows on the page, in minutes."""
+SAMPLE_EVERY_S = 10.0
+MAX_PAGE = 500
+PICTURES = {THUMBNAILS: ("png", "image/png"), OVERLAYS: ("jpg", "image/jpeg")}
+"""Folder under the data dir (and URL path) → suffix and type of the overlay pictures node.worker saves there."""
+
+
+class Throughput:
+    """Images analysed in the last minutes, from samples of a counter that starts at 0 when the node starts.
+
+    The HTTP side samples the counter every `SAMPLE_EVERY_S`; a window longer than the node's uptime counts since
+    the start. Samples older than the longest window are dropped."""
+
+    def __init__(self, started_at: float, keep_s: float = 60.0 * max(WINDOWS_MIN)) -> None:
+        self.keep_s = keep_s
+        self._samples: deque[tuple[float, float]] = deque([(started_at, 0.0)])
+        self._lock = threading.Lock()
+
+    def sample(self, now: float, value: float) -> None:
+        with self._lock:
+            self._samples.append((now, value))
+            while len(self._samples) > 2 and self._samples[1][0] <= now - self.keep_s:
+                self._samples.popleft()  # the one kept before the window is the window's baseline
+
+    def in_last(self, seconds: float, now: float, value: float) -> float:
+        """How much the counter (now at `value`) grew in the last `seconds`."""
+        with self._lock:
+            times = [t for t, _ in self._samples]
+            index = bisect.bisect_right(times, now - seconds) - 1  # the latest sample at or before the window start
+            baseline = self._samples[max(0, index)][1]
+        return max(0.0, value - baseline)
 
 
 @dataclass
@@ -49,6 +93,45 @@ class StatusSources:
     model_version: Callable[[], str | None]
     low_on_disk: Callable[[], str | None]
     data_dir: Path
+    started_at: float = field(default_factory=time.time)
+    """When the node started (time.time()), for the uptime."""
+    throughput: Throughput = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.throughput = Throughput(self.started_at)
+
+    def processed(self) -> float:
+        return self.metrics.registry.get_sample_value(PROCESSED) or 0.0
+
+
+@dataclass(frozen=True)
+class JobsPage:
+    """Which jobs to show: the query of / and /api/status, checked once here."""
+
+    state: JobState | None = None
+    before: int | None = None
+    limit: int = 20
+
+    @classmethod
+    def from_query(cls, query: dict[str, list[str]]) -> JobsPage:
+        """Raise ValueError naming the parameter, the value and what is allowed."""
+
+        def whole(name: str, high: int, what: str) -> int | None:
+            text = query.get(name, [""])[0]
+            if not text:
+                return None
+            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= high:
+                raise ValueError(f"{name}={text!r}: give {what}")
+            return int(text)
+
+        state = query.get("state", [""])[0]
+        if state and state not in {s.value for s in JobState}:
+            raise ValueError(f"state={state!r}: choose one of {', '.join(s.value for s in JobState)}")
+        return cls(
+            state=JobState(state) if state else None,
+            before=whole("before", 2**63 - 1, "a job id (a whole number, 1 or more)"),
+            limit=whole("limit", MAX_PAGE, f"a whole number from 1 to {MAX_PAGE}") or cls.limit,
+        )
 
 
 def readiness(sources: StatusSources) -> list[str]:
@@ -66,13 +149,47 @@ def readiness(sources: StatusSources) -> list[str]:
     return problems
 
 
-def status(sources: StatusSources, limit: int = 20) -> dict[str, Any]:
+def local_time(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
+
+
+def picture(sources: StatusSources, folder: str, job_id: int) -> str | None:
+    """The URL of a job's overlay picture in `folder`, if the worker saved one."""
+    name = f"{job_id}.{PICTURES[folder][0]}"
+    return f"/{folder}/{name}" if (sources.data_dir / folder / name).is_file() else None
+
+
+def job_status(sources: StatusSources, job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "state": job.state.value,
+        "calling_ae": job.calling_ae,
+        "sop_instance_uid": job.sop_instance_uid,
+        "accession_number": job.accession_number,
+        "study_date": job.study_date,
+        "received": local_time(job.received_at),
+        "error": job.error,
+        "finding": job.finding,
+        "timings": job.timings,
+        "model_version": job.model_version,
+        "delivered": list(job.delivered),
+        "results": [r.kind for r in job.results],
+        "thumbnail": picture(sources, THUMBNAILS, job.id),
+        "overlay": picture(sources, OVERLAYS, job.id),
+    }
+
+
+def status(sources: StatusSources, page: JobsPage | None = None) -> dict[str, Any]:
+    page = page or JobsPage()
     settings = sources.settings()
-    jobs = sources.queue.jobs(limit=limit)
+    jobs = sources.queue.jobs(page.state, limit=page.limit + 1, before=page.before)  # one more: is there a next page?
     destinations = {p.name for p in settings.destinations_for("")} | {
         n for r in settings.routing.rules for n in r.destinations
     }
     sender_state = sources.sender.destination_state() if sources.sender else {}
+    now, processed = time.time(), sources.processed()
+    disk = shutil.disk_usage(sources.data_dir)
+    counts = {state.value: n for state, n in sources.queue.counts().items()}
     return {
         "node": {
             "ae_title": settings.node.ae_title,
@@ -80,9 +197,23 @@ def status(sources: StatusSources, limit: int = 20) -> dict[str, Any]:
             "port": settings.node.port,
             "tls": settings.tls.enabled,
             "model_version": sources.model_version(),
+            "started": local_time(sources.started_at),
+            "uptime_s": round(now - sources.started_at),
+            "data_dir": str(sources.data_dir),
+            "disk_free_bytes": disk.free,
+            "disk_total_bytes": disk.total,
         },
         "ready": readiness(sources),
-        "queue": {state.value: n for state, n in sources.queue.counts().items()},
+        "queue": counts,
+        "total": sum(counts.values()),
+        "throughput": {
+            "analysed_since_start": int(processed),
+            **{
+                f"analysed_last_{minutes}_min": int(sources.throughput.in_last(60 * minutes, now, processed))
+                for minutes in WINDOWS_MIN
+            },
+        },
+        "links": {"metrics": "/metrics", "api": "/api/status"},
         "peers": [
             {
                 "name": p.name,
@@ -95,85 +226,18 @@ def status(sources: StatusSources, limit: int = 20) -> dict[str, Any]:
             }
             for p in settings.peers
         ],
-        "jobs": [
-            {
-                "id": j.id,
-                "state": j.state.value,
-                "calling_ae": j.calling_ae,
-                "sop_instance_uid": j.sop_instance_uid,
-                "received": datetime.datetime.fromtimestamp(j.received_at).isoformat(sep=" ", timespec="seconds"),
-                "error": j.error,
-                "delivered": list(j.delivered),
-                "results": [r.kind for r in j.results],
-                "thumbnail": f"/{THUMBNAILS}/{j.id}.png"
-                if (sources.data_dir / THUMBNAILS / f"{j.id}.png").is_file()
-                else None,
-            }
-            for j in jobs
-        ],
+        "jobs": [job_status(sources, j) for j in jobs[: page.limit]],
+        "paging": {
+            "state": page.state.value if page.state else None,
+            "before": page.before,
+            "limit": page.limit,
+            "next_before": jobs[page.limit - 1].id if len(jobs) > page.limit else None,
+        },
     }
 
 
-STATE_COLOURS = {
-    JobState.DONE.value: "#1b7f3b",
-    JobState.SKIPPED.value: "#777",
-    JobState.FAILED.value: "#b00020",
-    JobState.DEAD.value: "#b00020",
-    JobState.SENDING.value: "#b26a00",
-}
-
-
-def status_page(data: dict[str, Any], token_query: str) -> str:
-    e = html.escape
-    node = data["node"]
-    ready = "ready" if not data["ready"] else "not ready: " + "; ".join(data["ready"])
-    queue = "".join(f"<td>{e(state)}</td><td class=n>{n}</td>" for state, n in data["queue"].items())
-    peers = (
-        "".join(
-            f"<tr><td>{e(p['name'])}</td><td>{e(p['ae_title'])}</td><td>{e(p['address'])}</td>"
-            f"<td>{'yes' if p['may_send'] else ''}</td><td>{e(', '.join(p['objects'])) if p['destination'] else ''}</td>"
-            f"<td>{e(p.get('last_delivered') or '')}</td><td class=err>{e(p.get('last_error') or '')}</td></tr>"
-            for p in data["peers"]
-        )
-        or "<tr><td colspan=7>no peers: any calling AE is accepted; results are written under the data dir</td></tr>"
-    )
-    jobs = (
-        "".join(
-            f"<tr><td class=n>{j['id']}</td><td style='color:{STATE_COLOURS.get(j['state'], '#000')}'>{e(j['state'])}"
-            f"</td><td>{e(j['received'])}</td><td>{e(j['calling_ae'])}</td><td class=uid>{e(j['sop_instance_uid'])}</td>"
-            f"<td>{e(', '.join(j['results']))}</td><td>{e(', '.join(j['delivered']))}</td>"
-            f"<td class=err>{e(j['error'] or '')}</td><td>"
-            + (
-                f"<a href='{j['thumbnail']}{token_query}'><img alt='overlay of job {j['id']}' "
-                f"src='{j['thumbnail']}{token_query}'></a>"
-                if j["thumbnail"]
-                else ""
-            )
-            + "</td></tr>"
-            for j in data["jobs"]
-        )
-        or "<tr><td colspan=9>no jobs yet</td></tr>"
-    )
-    return f"""<!doctype html>
-<html lang=en><head><meta charset=utf-8><meta http-equiv=refresh content=10>
-<title>cxrnode {e(node["ae_title"])}</title>
-<style>
-body{{font:14px system-ui,sans-serif;margin:1.5em;color:#222}} h1{{font-size:1.4em;margin:0 0 .2em}}
-table{{border-collapse:collapse;margin:.5em 0 1.5em}} td,th{{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;
-vertical-align:top}} .n{{text-align:right}} .uid{{font-family:monospace;font-size:12px}} .err{{color:#b00020}}
-img{{height:96px}} .banner{{background:#fff3cd;padding:6px 10px;display:inline-block}}
-</style></head><body>
-<h1>cxrnode — {e(node["ae_title"])} on {e(node["host"])}:{node["port"]}{" (TLS)" if node["tls"] else ""}</h1>
-<p id=ready>{e(ready)} · model {e(node["model_version"] or "not loaded")}</p>
-<p class=banner>AI results for lung opacity — not for diagnostic use.</p>
-<h2>Queue</h2><table id=queue><tr>{queue}</tr></table>
-<h2>Peers and destinations</h2>
-<table id=peers><tr><th>name</th><th>AE title</th><th>address</th><th>may send</th><th>receives</th>
-<th>last delivery</th><th>last error</th></tr>{peers}</table>
-<h2>Recent jobs</h2>
-<table id=jobs><tr><th>job</th><th>state</th><th>received</th><th>from</th><th>SOP Instance UID</th><th>results</th>
-<th>delivered to</th><th>error</th><th>overlay</th></tr>{jobs}</table>
-</body></html>"""
+PICTURE = re.compile(rf"/({THUMBNAILS}|{OVERLAYS})/(\d+)\.(png|jpg)")
+TOKEN_IN_QUERY = re.compile(r"(token=)[^&\s]*")
 
 
 def make_handler(sources: StatusSources) -> type[BaseHTTPRequestHandler]:
@@ -181,7 +245,7 @@ def make_handler(sources: StatusSources) -> type[BaseHTTPRequestHandler]:
         server_version = "cxrnode"
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
-            log.debug("http %s", format % args)
+            log.debug("http %s", TOKEN_IN_QUERY.sub(r"\1...", format % args))
 
         def _send(self, code: int, body: bytes, content_type: str) -> None:
             self.send_response(code)
@@ -215,47 +279,77 @@ def make_handler(sources: StatusSources) -> type[BaseHTTPRequestHandler]:
                 )
             if not self._authorised(query):
                 return self._send(401, b"token required\n", "text/plain; charset=utf-8")
-            token = sources.settings().http.token
-            token_query = f"?token={token}" if token and "token" in query else ""
             if url.path == "/metrics":
                 return self._send(200, generate_latest(sources.metrics.registry), CONTENT_TYPE_LATEST)
-            if url.path == "/api/status":
-                return self._send(200, json.dumps(status(sources)).encode(), "application/json")
-            if url.path in ("/", "/index.html"):
-                return self._send(200, status_page(status(sources), token_query).encode(), "text/html; charset=utf-8")
-            match = re.fullmatch(rf"/{THUMBNAILS}/(\d+)\.png", url.path)
-            if match:
-                path = sources.data_dir / THUMBNAILS / f"{int(match.group(1))}.png"
+            if url.path in ("/", "/index.html", "/api/status"):
+                try:
+                    page = JobsPage.from_query(query)
+                except ValueError as error:
+                    return self._send(400, f"{error}\n".encode(), "text/plain; charset=utf-8")
+                data = status(sources, page)
+                if url.path == "/api/status":
+                    return self._send(200, json.dumps(data).encode(), "application/json")
+                token = sources.settings().http.token if "token" in query else None  # links carry it on
+                return self._send(200, status_page(data, token).encode(), "text/html; charset=utf-8")
+            match = PICTURE.fullmatch(url.path)
+            if match and PICTURES[match.group(1)][0] == match.group(3):
+                folder, number, suffix = match.groups()
+                path = sources.data_dir / folder / f"{int(number)}.{suffix}"
                 if path.is_file():
-                    return self._send(200, path.read_bytes(), "image/png")
+                    return self._send(200, path.read_bytes(), PICTURES[folder][1])
             return self._send(404, b"not found\n", "text/plain; charset=utf-8")
 
     return Handler
 
 
-def bind_http(settings: Settings) -> ThreadingHTTPServer | None:
+class StatusServer(ThreadingHTTPServer):
+    """The HTTP server, and beside it the thread that samples the throughput counter; shutdown() stops both. Made
+    bound but not listening (`bind_http`), so that start-up takes the port before anything heavy; `start` listens."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        super().__init__(address, BaseHTTPRequestHandler, bind_and_activate=False)
+        self.sources: StatusSources | None = None
+        self.stopped = threading.Event()
+
+    def start(self, sources: StatusSources) -> None:
+        self.sources = sources
+        self.RequestHandlerClass = make_handler(sources)
+        self.server_activate()  # listen
+        threading.Thread(target=self.serve_forever, name="http", daemon=True).start()
+        threading.Thread(target=self._sample, name="throughput", daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self.stopped.wait(SAMPLE_EVERY_S):
+            if self.sources is not None:
+                self.sources.throughput.sample(time.time(), self.sources.processed())
+
+    def shutdown(self) -> None:
+        self.stopped.set()
+        super().shutdown()
+
+
+def bind_http(settings: Settings) -> StatusServer | None:
     """Take the HTTP port (bound, not yet listening); None when `[http] port` is 0. Raises OSError naming the port
     when it is taken."""
     http = settings.http
     if not http.port:
         return None
-    server = ThreadingHTTPServer((http.host, http.port), BaseHTTPRequestHandler, bind_and_activate=False)
+    server = StatusServer((http.host, http.port))
     try:
         server.server_bind()
     except OSError as error:
         server.server_close()
         raise OSError(error.errno, f"HTTP port {http.host}:{http.port}: {error.strerror}") from None
-    server.daemon_threads = True
     return server
 
 
-def serve_http(server: ThreadingHTTPServer | None, sources: StatusSources) -> ThreadingHTTPServer | None:
+def serve_http(server: StatusServer | None, sources: StatusSources) -> StatusServer | None:
     """Answer requests on a server from `bind_http`."""
     if server is None:
         return None
-    server.RequestHandlerClass = make_handler(sources)
-    server.server_activate()  # listen
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    server.start(sources)
     http = sources.settings().http
     log.info(
         "HTTP on %s:%d: /metrics /healthz /readyz and the status page%s",

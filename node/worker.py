@@ -36,7 +36,7 @@ from node.outputs import finding_summary, write_results
 from node.overlay import render_overlay
 from node.pixels import prepare
 from node.queue import Job, JobState, Queue, WakeUp
-from node.spool import THUMBNAILS, Spool
+from node.spool import OVERLAYS, THUMBNAILS, Spool
 
 log = logging.getLogger(__name__)
 
@@ -261,13 +261,16 @@ class Worker:
             self.wake_sender.set()
 
     def _thumbnail(self, job: Job, pixels: np.ndarray, finding: Finding) -> None:
-        """A small overlay picture for the status page; best effort, it is not a result."""
+        """Overlay pictures for the status page, small and full size; best effort, they are not results."""
         try:
-            folder = self.spool.data_dir / THUMBNAILS
-            folder.mkdir(exist_ok=True)
-            render_overlay(pixels, finding, max_side=320).save(folder / f"{job.id}.png")
+            for name, max_side, suffix in ((THUMBNAILS, 320, "png"), (OVERLAYS, 1600, "jpg")):
+                folder = self.spool.data_dir / name
+                folder.mkdir(exist_ok=True)  # JPEG 4:4:4 keeps the outlines sharp at a quarter of the PNG's size
+                render_overlay(pixels, finding, max_side=max_side).save(
+                    folder / f"{job.id}.{suffix}", quality=90, subsampling=0
+                )
         except Exception as error:
-            log.warning("job=%d: no thumbnail (%s)", job.id, error)
+            log.warning("job=%d: no overlay picture (%s)", job.id, error)
 
     def _fail(self, job: Job, reason: str) -> None:
         log.warning("job=%d sop=%s failed: %s", job.id, job.sop_instance_uid, reason)

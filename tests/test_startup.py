@@ -180,13 +180,16 @@ def test_second_node_on_one_data_folder_refuses_and_the_first_delivers_everythin
 def test_a_signal_during_start_up_stops_it(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path / "a.toml", port=port, data_dir=tmp_path / "a")
-    process = _start(config, tmp_path / "a.log")
-    time.sleep(1.5)  # settings read, ports bound, the worker loading its models
+    log = tmp_path / "a.log"
+    process = _start(config, log)
+    # ports bound, queue open: the worker process is loading its models now
+    wait_until(lambda: "start-up:" in log.read_text(), 60, what="the start-up under way")
     process.send_signal(signal.SIGTERM)
     code = process.wait(20)
-    text = (tmp_path / "a.log").read_text()
+    text = log.read_text()
     assert "Traceback" not in text, text
-    assert code in (0, 128 + signal.SIGTERM), text
+    assert code == 128 + signal.SIGTERM and "SIGTERM during start-up: stopped" in text, text
+    assert "ready:" not in text
     wait_until(lambda: _group_members(process.pid) == [], 10, what="no process of the node left")
 
 

@@ -147,8 +147,8 @@ class Queue(Protocol):
 
     def find(self, sop_instance_uid: str) -> Job | None: ...
 
-    def jobs(self, state: JobState | None = None, limit: int = 100) -> list[Job]:
-        """Most recent first."""
+    def jobs(self, state: JobState | None = None, limit: int = 100, before: int | None = None) -> list[Job]:
+        """Most recent first; with `before` (a job id), only the jobs with a smaller id: the next page."""
 
     def counts(self) -> dict[JobState, int]: ...
 

@@ -260,11 +260,17 @@ class SQLiteQueue:
         rows = self._read("SELECT * FROM jobs WHERE sop_instance_uid = ?", (sop_instance_uid,))
         return _job(rows[0]) if rows else None
 
-    def jobs(self, state: JobState | None = None, limit: int = 100) -> list[Job]:
-        if state is None:
-            rows = self._read("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
-        else:
-            rows = self._read("SELECT * FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?", (state.value, limit))
+    def jobs(self, state: JobState | None = None, limit: int = 100, before: int | None = None) -> list[Job]:
+        conditions: list[str] = []
+        params: list[object] = []
+        if state is not None:
+            conditions.append("state = ?")
+            params.append(state.value)
+        if before is not None:
+            conditions.append("id < ?")
+            params.append(before)
+        where = f"WHERE {' AND '.join(conditions)} " if conditions else ""
+        rows = self._read(f"SELECT * FROM jobs {where}ORDER BY id DESC LIMIT ?", [*params, limit])
         return [_job(row) for row in rows]
 
     def counts(self) -> dict[JobState, int]:
