@@ -90,7 +90,7 @@ def serve(
     audit = AuditLog(settings.node.data_dir)
     metrics = Metrics(queue)
     os.environ[MAIN_PID] = str(os.getpid())
-    worker = WorkerProcess(launch, queue, metrics)
+    worker = WorkerProcess(launch, current, queue, metrics)
     try:
         model_version = worker.start()
     except WorkerStartError as error:
