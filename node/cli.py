@@ -3,7 +3,7 @@
 cxrnode serve            run the node (Storage SCP → queue → inference → SEG/SR → C-STORE)
 cxrnode echo / send      C-ECHO / C-STORE to any DICOM peer
 cxrnode config check     validate a configuration file
-cxrnode jobs / resend    look at the queue; send dead jobs again
+cxrnode jobs / resend    look at the queue; send dead jobs (or any job by id, done ones too) again
 cxrnode predict          offline: the same SEG/SR the node would send, and an overlay picture
 cxrnode synth / train / train-lungs / evaluate   the models' tools (models/)
 """
@@ -351,7 +351,13 @@ def build_parser(ml_command: str | None = None) -> argparse.ArgumentParser:
 
     resend = commands.add_parser("resend", help="send jobs' results again (dead, failed, or done)")
     _config_arguments(resend)
-    resend.add_argument("jobs", type=int, nargs="*", metavar="JOB")
+    resend.add_argument(
+        "jobs",
+        type=int,
+        nargs="*",
+        metavar="JOB",
+        help="job ids, queued again whatever their state: a done job's results are sent again to every destination",
+    )
     resend.add_argument("--failed", action="store_true", help="every dead or failed job")
     resend.set_defaults(func=cmd_resend)
 
