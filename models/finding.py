@@ -35,10 +35,6 @@ class Opacity:
     mask: np.ndarray = field(repr=False)
     """Boolean (rows, columns) mask at the original resolution."""
 
-    @property
-    def area_px(self) -> int:
-        return int(self.mask.sum())
-
 
 @dataclass(frozen=True)
 class Severity:

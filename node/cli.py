@@ -453,7 +453,13 @@ def build_parser(ml_command: str | None = None) -> argparse.ArgumentParser:
 
     resend = commands.add_parser("resend", help="send jobs' results again (dead, failed, or done)")
     _config_arguments(resend)
-    resend.add_argument("jobs", type=int, nargs="*", metavar="JOB")
+    resend.add_argument(
+        "jobs",
+        type=int,
+        nargs="*",
+        metavar="JOB",
+        help="job ids, queued again whatever their state: a done job's results are sent again to every destination",
+    )
     resend.add_argument("--failed", action="store_true", help="every dead or failed job")
     resend.set_defaults(func=cmd_resend)
 

@@ -20,7 +20,6 @@ import os
 import signal
 import threading
 
-POINTS = ("received", "spooled", "inferring", "writing", "sending")
 _counts: dict[str, int] = {}
 _lock = threading.Lock()
 

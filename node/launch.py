@@ -1,5 +1,6 @@
-"""What both of the node's processes need to start the same way: the settings (file + environment + flags, rebuilt
-identically in each process), logging, the models, and the rule for a SIGHUP reload."""
+"""What both of the node's processes need to start the same way: the settings (file + environment + flags, resolved
+once by the receiving process and handed to every worker it starts), logging, the models, and the rule for a SIGHUP
+reload (the one time a process reads the file again)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Launch:
-    """How `cxrnode serve` was started: enough to build its Settings again, in this process or another."""
+    """How `cxrnode serve` was started: enough to build its Settings again, which a SIGHUP reload does."""
 
     config_path: Path | None
     overrides: Mapping[str, object] = field(default_factory=dict)

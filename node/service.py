@@ -150,7 +150,7 @@ def _run(launch: Launch, settings: Settings, cleanup: contextlib.ExitStack, star
     audit = AuditLog(settings.node.data_dir)
     metrics = Metrics(queue)
     os.environ[MAIN_PID] = str(os.getpid())
-    worker = WorkerProcess(launch, queue, metrics)
+    worker = WorkerProcess(launch, current, queue, metrics)
     cleanup.callback(lambda: worker.pump.ident is not None and worker.stop())
     model_version = worker.start()  # the models load here; a signal meanwhile stops the start-up
     sender = Sender(current, queue, spool, worker.wake_sender, audit, metrics)

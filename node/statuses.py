@@ -7,7 +7,6 @@ from pydicom import Dataset
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 """Refused: Out of Resources — the object could not be stored durably (disk full, database unwritable)."""
-DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 """Error: Cannot Understand — the data set cannot be parsed."""
 COERCION_OF_DATA_ELEMENTS = 0xB000

@@ -4,7 +4,9 @@ Why: decoding pixels, running the models and building result objects is CPU work
 it would take the interpreter lock from the threads that receive images — a modality waiting on a C-STORE response
 does not care that the GPU is busy. In its own process the worker can use its own cores, and a model that crashes
 or runs out of memory takes only the worker down: the receiving process notices, puts the interrupted jobs back to
-`received`, and starts a new worker.
+`received`, and starts a new worker — with the settings the node runs with (those it started with, and what a
+SIGHUP has reloaded since), not the configuration file as it is now: [node] and [inference] change only at a restart
+of the node, whatever happens to the worker.
 
 The two processes share only the spool and the queue database (SQLite in WAL mode takes writers from both), plus
 two wake-up events and a message queue on which the worker reports that it is ready (with its model version), that
@@ -20,9 +22,11 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from queue import Empty
 from types import FrameType
 
+from node.config import Settings
 from node.launch import Launch, configure_logging, load_predictor, reloaded
 from node.metrics import Metrics
 from node.queue.sqlite import SQLiteQueue
@@ -76,12 +80,13 @@ def die_with_parent() -> None:
         log.warning("cannot ask to die with the parent process (not Linux?)")
 
 
-def run(launch: Launch, wake: Doorbell, wake_sender: Doorbell, messages: multiprocessing.Queue) -> None:
-    """The worker process's main function."""
+def run(
+    settings: Settings, launch: Launch, wake: Doorbell, wake_sender: Doorbell, messages: multiprocessing.Queue
+) -> None:
+    """The worker process's main function: `settings` are the node's, `launch` only rebuilds them on a SIGHUP."""
     from node.worker import Worker  # the models, torch and highdicom: loaded in this process only
 
     die_with_parent()
-    settings = launch.settings()
     configure_logging(settings.node.log_level)
     holder = [settings]
     try:
@@ -119,9 +124,12 @@ def run(launch: Launch, wake: Doorbell, wake_sender: Doorbell, messages: multipr
 class WorkerProcess:
     """The receiving process's handle on the worker process: start it, hear from it, restart it, stop it."""
 
-    def __init__(self, launch: Launch, queue: SQLiteQueue, metrics: Metrics):
+    def __init__(self, launch: Launch, settings: Callable[[], Settings], queue: SQLiteQueue, metrics: Metrics):
+        """`settings` gives the node's settings now (as started, plus what SIGHUP reloaded): every worker, the
+        first and each restarted one, is handed those rather than reading the configuration file itself."""
         self.context = multiprocessing.get_context("spawn")
         self.launch = launch
+        self.settings = settings
         self.queue = queue
         self.metrics = metrics
         self.wake = Doorbell(self.context)
@@ -152,7 +160,10 @@ class WorkerProcess:
         if self.process is not None:
             self.messages = self.context.Queue()
         self.process = self.context.Process(
-            target=run, args=(self.launch, self.wake, self.wake_sender, self.messages), name="worker", daemon=False
+            target=run,
+            args=(self.settings(), self.launch, self.wake, self.wake_sender, self.messages),
+            name="worker",
+            daemon=False,
         )
         self.process.start()
         deadline = time.monotonic() + timeout
@@ -210,6 +221,8 @@ class WorkerProcess:
                 self._spawn(600.0)
             except WorkerStartError as error:
                 log.error("%s; trying again", error)
+            else:
+                log.info("worker process restarted: %s", self.model_version)
 
     def reload(self) -> None:
         if self.process is not None and self.process.is_alive() and self.process.pid is not None:

@@ -38,6 +38,21 @@ def require_dcmtk() -> None:
         pytest.skip(f"DCMTK tools missing: {', '.join(missing)} (make test installs them)")
 
 
+SYSTEM_BIN = "/usr/local/sbin:/usr/sbin:/sbin"  # where Debian installs daemons, e.g. Orthanc: not on a user's PATH
+
+
+def orthanc_executable() -> str | None:
+    """Orthanc's executable: on the PATH, or in /usr/sbin where Debian's `orthanc` package puts it."""
+    return shutil.which("Orthanc") or shutil.which("Orthanc", path=SYSTEM_BIN)
+
+
+def require_orthanc() -> str:
+    executable = orthanc_executable()
+    if executable is None:
+        pytest.skip("Orthanc is not installed (make test installs it)")
+    return executable
+
+
 def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

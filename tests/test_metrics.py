@@ -52,15 +52,23 @@ def test_two_truths_three_predictions() -> None:
 
 
 def test_confidence_order_decides_which_prediction_matches() -> None:
-    # Two predictions on one truth: only the first in confidence order can take it.
-    truth = [[0, 0, 10, 10]]
-    good_first = image(truth, [[0, 0, 10, 10], [0, 0, 10, 7]], [0.9, 0.5])
-    poor_first = image(truth, [[0, 0, 10, 10], [0, 0, 10, 7]], [0.5, 0.9])
-    # good first: always TP=1, FP=1 -> 0.5. poor first (IoU 0.7): it takes the truth at t < 0.70 (0.5 each),
-    # at 0.70 and 0.75 it misses and the good one takes it (still TP=1, FP=1) -> 0.5 too.
-    assert rsna_image_score(good_first) == pytest.approx(0.5)
-    assert rsna_image_score(poor_first) == pytest.approx(0.5)
-    lone_poor = image(truth, [[0, 0, 10, 7]], [0.9])
+    # Truth: an outer box T1 and a shorter box T2 inside it. A overlaps both (IoU 0.9 with T1, 0.889 with T2);
+    # B overlaps T1 at 0.667 and T2 at exactly 0.5. Each prediction, in descending confidence, takes the unmatched
+    # truth it overlaps most.
+    truth = [[0, 0, 10, 10], [0, 0, 10, 8]]
+    a, b = [0, 0, 10, 9], [0, 2, 10, 12]
+    # A first: A takes T1; B is left with T2 (0.5, a hit at t = 0.40, 0.45 only).
+    #   t 0.40, 0.45: TP=2 -> 1; t 0.50..0.75: TP=1 FP=1 FN=1 -> 1/3.  (2 + 6/3) / 8 = 0.5
+    a_first = image(truth, [a, b], [0.9, 0.5])
+    assert rsna_image_score(a_first) == pytest.approx(0.5)
+    # B first: B takes T1 while t < 0.667, then A takes T2 (0.889).
+    #   t 0.40..0.65: TP=2 -> 1; t 0.70, 0.75: B misses both, A takes T1: TP=1 FP=1 FN=1 -> 1/3.  (6 + 2/3) / 8
+    b_first = image(truth, [a, b], [0.5, 0.9])
+    assert rsna_image_score(b_first) == pytest.approx((6 + 2 / 3) / 8)
+    # Only the scores moved, not the order of the boxes in the input: the same input order with B's score higher
+    # must score as B first.
+    assert rsna_image_score(image(truth, [b, a], [0.9, 0.5])) == pytest.approx(rsna_image_score(b_first))
+    lone_poor = image([[0, 0, 10, 10]], [[0, 0, 10, 7]], [0.9])
     assert rsna_image_score(lone_poor) == pytest.approx(6 / 8)  # hit while t < 0.7
 
 

@@ -99,8 +99,6 @@ def test_end_to_end_with_dcmtk(images: list[SentImage], tmp_path: Path) -> None:
     for image in in_scope:
         kinds = Counter(ds.Modality for ds in grouped[image.sop_instance_uid])
         assert kinds == {"SEG": 1, "SR": 1, "PR": 1}, image.path.name
-    for path in pacs.files():
-        assert_valid_dicom(path, allowed_warnings=("99CXRNODE",))
     states = {j["sop_instance_uid"]: j for j in jobs["jobs"]}
     for image in images:
         job = states[image.sop_instance_uid]
@@ -131,6 +129,8 @@ def test_end_to_end_with_dcmtk(images: list[SentImage], tmp_path: Path) -> None:
         seg = hd.seg.segread(seg_path)
         sr = hd.sr.srread(sr_path)
         check_close(source, finding, seg, sr)
+    for path in pacs.files():  # last: where dciodvfy is missing (a skip), the content above is still checked
+        assert_valid_dicom(path, allowed_warnings=("99CXRNODE",))
 
 
 def test_output_profiles_per_destination(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -181,8 +180,11 @@ def test_association_policy_and_echo(tmp_path: Path) -> None:
             cwd=REPO,
         )
         assert echo.returncode == 1 and "rejected" in echo.stderr
-        time.sleep(0.2)
-        assert "association rejected from STRANGER" in (tmp_path / "policy.log").read_text()
+        wait_until(
+            lambda: "association rejected from STRANGER" in (tmp_path / "policy.log").read_text(),
+            timeout=10,
+            what="the rejection in the node's log",
+        )
     finally:
         node.kill()
 

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicom_validation import assert_valid_dicom, dciodvfy_available
+from dicom_validation import assert_valid_dicom
 from models.data.rsna import read_dataset
 from node.cli import main
 
@@ -150,9 +150,8 @@ def test_predict_writes_seg_sr_and_overlay(trained: tuple[Path, Path], tmp_path:
     assert gsps.Modality == "PR" and referenced == source.SOPInstanceUID
     picture = np.asarray(Image.open(written[3]))
     assert picture.ndim == 3 and picture.shape[:2] == (int(source.Rows), int(source.Columns))
-    if dciodvfy_available():
-        for path in written[:3]:
-            assert_valid_dicom(path, allowed_warnings=("99CXRNODE",))
+    for path in written[:3]:  # last: skips (a failure under CI=true) where dciodvfy is missing
+        assert_valid_dicom(path, allowed_warnings=("99CXRNODE",))
 
 
 def test_train_refuses_a_folder_in_the_wrong_layout(tmp_path: Path) -> None:

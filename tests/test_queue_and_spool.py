@@ -44,15 +44,18 @@ def test_short_lived_threads_do_not_leak_connections(tmp_path: Path) -> None:
     leave the process with no more open files than a few concurrent ones need."""
     queue = SQLiteQueue(tmp_path / "q.sqlite")
     before = len(os.listdir("/proc/self/fd"))
+    read_back: dict[int, str | None] = {}  # what each thread read back, checked here: an assert in a thread only warns
 
     def association(n: int) -> None:
         job_id, _ = queue.add(new_job(f"1.2.{n}"))
-        assert queue.get(job_id) is not None
+        job = queue.get(job_id)
+        read_back[n] = None if job is None else job.sop_instance_uid
 
     for n in range(200):
         thread = threading.Thread(target=association, args=(n,))
         thread.start()
         thread.join()
+    assert read_back == {n: f"1.2.{n}" for n in range(200)}
     assert len(queue.jobs(None, limit=1000)) == 200
     assert len(os.listdir("/proc/self/fd")) - before <= 4  # one pooled connection: the database and its WAL
 

@@ -1,7 +1,7 @@
 """Writers: one module per DICOM object cxrnode sends back, each turning a `models.Finding` into one dataset.
 
 - `node.writers.seg.segmentation` — Segmentation (SEG): lung opacity, right lung, left lung.
-- `node.writers.sr.measurement_report` — Comprehensive SR with a TID 1500 Measurement Report.
+- `node.writers.sr.measurement_report` — Enhanced SR with a TID 1500 Measurement Report.
 - `node.writers.uids` — the deterministic UIDs they assign.
 - `node.writers.codes` — the coded concepts they use.
 
