@@ -11,7 +11,7 @@ patient, the patient's right on the image's left and the head up, i.e. Patient O
 patient's left, columns to the feet). The models are trained on that picture: the lung segmenter labels the lung on
 the image's left as the right lung. A grid stored otherwise is one of the 8 flips and rotations of it (the symmetries
 of a rectangle): `R\\F` mirrored, `L\\H` upside down, `R\\H` turned 180°, `F\\R` / `H\\L` / `F\\L` / `H\\R` transposed
-and turned 90° one way or the other. The principal letters decide; a value with A or P in it describes no frontal
+and turned 90° one way or the other. The principal letters decide; a principal A or P describes no frontal
 image (a lateral view), and, like an absent, empty or malformed value, is unusable: the standard display is assumed,
 and the `Orientation` carries a note that the writers put in the SR and the worker logs.
 
