@@ -328,6 +328,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from models import Predictor
     from models.data.lungs import read_gray
+    from node.orientation import IDENTITY, display_orientation, finding_to_stored, to_display
     from node.outputs import build_results, encode
     from node.overlay import render_overlay
     from node.pixels import prepare
@@ -337,19 +338,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     status = 0
     for path in _dicom_files(args.files):
         try:
-            if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
-                source, pixels = None, read_gray(path).astype("float32")
+            note = None
+            if path.suffix.lower() in (".png", ".jpg", ".jpeg"):  # a picture: taken as in the standard display
+                source, pixels, transform = None, read_gray(path).astype("float32"), IDENTITY
             else:
                 source = dcmread(path)
                 pixels = prepare(source)
-            finding = predictor.predict([pixels])[0]
+                orientation = display_orientation(source)
+                transform, note = orientation.transform, orientation.note
+            finding = finding_to_stored(predictor.predict([to_display(pixels, transform)])[0], transform)
         except Exception as error:
             print(f"{path}: {error}", file=sys.stderr)
             status = 1
             continue
         written = []
         if source is not None:
-            for kind, ds in build_results(source, finding, args.objects, datetime.datetime.now(), pixels):
+            for kind, ds in build_results(source, finding, args.objects, datetime.datetime.now(), pixels, note):
                 target = args.out / f"{path.stem}.{kind.lower()}.dcm"
                 target.write_bytes(encode(ds))
                 written.append(str(target))
@@ -368,6 +372,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 "total": round(finding.severity.total, 2),
             },
             "extent_score": finding.extent.__dict__,
+            "orientation_note": note,
             "written": written,
         }
         print(json.dumps(summary))

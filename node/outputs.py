@@ -58,9 +58,11 @@ def build_results(
     objects: Sequence[str],
     content_datetime: datetime.datetime,
     pixels: np.ndarray | None = None,
+    orientation_note: str | None = None,
 ) -> list[tuple[str, Dataset]]:
     """(kind, dataset) for each requested object, SEG first so that the SR can reference it. The burned-in SC needs
-    the presentation `pixels` the Predictor saw."""
+    the source's presentation `pixels` (on the stored grid, as `finding` is). `orientation_note` (from
+    `node.orientation.Orientation.note`) says the standard display was assumed; the SR carries it."""
     unknown = set(objects) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown result object(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
@@ -87,9 +89,10 @@ def write_results(
     spool: Spool,
     content_datetime: datetime.datetime,
     pixels: np.ndarray | None = None,
+    orientation_note: str | None = None,
 ) -> list[ResultObject]:
     results = []
-    for kind, ds in build_results(source, finding, objects, content_datetime, pixels):
+    for kind, ds in build_results(source, finding, objects, content_datetime, pixels, orientation_note):
         path = spool.result_path(str(source.StudyInstanceUID), kind, str(ds.SOPInstanceUID))
         spool.store_result(path, encode(ds))
         crash_point("writing")

@@ -32,6 +32,7 @@ from models import Finding, Predictor
 from models.errors import ModelsError
 from node.config import Settings
 from node.faults import crash_point
+from node.orientation import Orientation, display_orientation, finding_to_stored, to_display
 from node.outputs import finding_summary, write_results
 from node.overlay import render_overlay
 from node.pixels import prepare
@@ -59,6 +60,10 @@ class Prepared:
     job: Job
     source: Dataset
     pixels: np.ndarray
+    """Presentation pixels on the stored grid (what the SC and thumbnail draw on)."""
+    orientation: Orientation
+    display: np.ndarray
+    """The same pixels in the standard display (node.orientation): what the Predictor sees."""
 
 
 class Worker:
@@ -193,6 +198,8 @@ class Worker:
         try:
             source = dcmread(path)
             pixels = prepare(source)
+            orientation = display_orientation(source)
+            display = to_display(pixels, orientation.transform)
         except FileNotFoundError:
             self._fail(job, f"spooled object {job.spool_path} is missing")
             return None
@@ -202,11 +209,13 @@ class Worker:
         except Exception as error:  # a broken file: pydicom and the decoders raise many kinds
             self._fail(job, f"cannot read the object: {type(error).__name__}: {error}")
             return None
-        return Prepared(job, source, pixels)
+        if orientation.note:
+            log.info("job=%d sop=%s: %s", job.id, job.sop_instance_uid, orientation.note)
+        return Prepared(job, source, pixels, orientation, display)
 
     def _predict(self, prepared: list[Prepared]) -> list[Finding | None]:
         try:
-            return list(self.predictor.predict([p.pixels for p in prepared]))
+            return list(self.predictor.predict([p.display for p in prepared]))
         except Exception as error:
             if len(prepared) == 1:
                 self._fail(prepared[0].job, f"inference failed: {type(error).__name__}: {error}")
@@ -219,6 +228,7 @@ class Worker:
         self.queue.set_state(job.id, JobState.WRITING, expect=JobState.INFERRING)
         started = time.perf_counter()
         try:
+            finding = finding_to_stored(finding, item.orientation.transform)  # the models saw the standard display
             results = write_results(
                 item.source,
                 finding,
@@ -226,6 +236,7 @@ class Worker:
                 self.spool,
                 content_datetime=datetime.datetime.fromtimestamp(job.received_at),
                 pixels=item.pixels,
+                orientation_note=item.orientation.note,
             )
         except OSError as error:  # disk full or unwritable: the job stays recoverable, try again later
             log.error("job=%d sop=%s: cannot write results (%s); will retry", job.id, job.sop_instance_uid, error)

@@ -3,8 +3,9 @@ presentation states, every viewer shows an RGB image.
 
 The picture is `node.overlay.render_overlay` (as `cxrnode predict --png` draws it): the radiograph as the models saw
 it, lung outlines, the opacity tinted and outlined, the boxes with their scores, the severity line at the top and
-"not for diagnostic use" at the bottom. It is scaled down to at most `max_side` pixels on its long side (default
-2048: the long side of a 3-megapixel diagnostic display; a 2048 x 2048 RGB image is 12 MiB uncompressed), never up.
+"not for diagnostic use" at the bottom, every line on a dark band in a font that has all its glyphs (readable on any
+image). It is scaled down to at most `max_side` pixels on its long side (default 2048: the long side of a 3-megapixel
+diagnostic display; a 2048 x 2048 RGB image is 12 MiB uncompressed), never up.
 
 The SC is its own series (SOP Instance UID and Series Instance UID of kind "sc"), says BURNED IN ANNOTATION YES,
 Conversion Type WSD (workstation), Image Type DERIVED\\SECONDARY\\OTHER, and references the radiograph as its source
