@@ -274,7 +274,9 @@ def make_handler(sources: StatusSources) -> type[BaseHTTPRequestHandler]:
                 problems = readiness(sources)
                 return self._send(
                     200 if not problems else 503,
-                    json.dumps({"ready": not problems, "problems": problems}).encode(),
+                    json.dumps(
+                        {"ready": not problems, "problems": problems, "model": sources.model_version()}
+                    ).encode(),
                     "application/json",
                 )
             if not self._authorised(query):

@@ -23,14 +23,19 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from queue import Empty
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from node.config import Settings
 from node.launch import Launch, configure_logging, load_predictor, reloaded
 from node.metrics import Metrics
 from node.queue.sqlite import SQLiteQueue
 from node.spool import Spool
+
+if TYPE_CHECKING:  # torch and the models: in the worker process only
+    from node.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -106,19 +111,66 @@ def run(
     def on_stop(signum: int, frame: FrameType | None) -> None:
         stopped.set()
 
+    swap_asked = threading.Event()
+
     def on_hangup(signum: int, frame: FrameType | None) -> None:
         new = reloaded(launch, holder[0])
         if new is not None:
             holder[0] = new
+        swap_asked.set()  # and look at the weights folder again
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the node, which stops the worker in order
     signal.signal(signal.SIGHUP, on_hangup)
     worker.start()
     messages.put(("ready", predictor.model_version))
-    stopped.wait()
+    stamp = weights_stamp(settings)
+    while not stopped.wait(1.0):
+        if swap_asked.is_set() or weights_stamp(settings) != stamp:
+            swap_asked.clear()
+            stamp = weights_stamp(settings)
+            swap_models(worker, holder[0], messages)
     worker.stop()
     queue.close()
+
+
+def weights_folder(settings: Settings) -> Path:
+    from models.weights import DEMO_WEIGHTS  # the worker process has torch loaded already
+
+    return settings.inference.weights or DEMO_WEIGHTS
+
+
+def weights_stamp(settings: Settings) -> tuple[tuple[str, int, int], ...]:
+    """What changes when weights are copied into the folder: each file's name, size and modification time."""
+    folder = weights_folder(settings)
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+    except OSError:
+        return ()
+
+
+def swap_models(worker: Worker, settings: Settings, messages: multiprocessing.Queue) -> None:
+    """Load the weights folder again and, when it holds other weights that load, serve them from the next batch on
+    (the batch in hand finishes on the model it started with; each Finding names its model, and result UIDs follow
+    it). Weights that do not load are refused with one log line, and the running model keeps serving."""
+    running = worker.predictor.model_version
+    try:
+        predictor = load_predictor(settings)
+    except Exception as error:  # a half-copied, broken or mismatched folder
+        log.error(
+            "new weights in %s refused, %s keeps serving: %s: %s",
+            weights_folder(settings),
+            running,
+            type(error).__name__,
+            error,
+        )
+        return
+    if predictor.model_version == running:
+        log.info("weights in %s unchanged: %s keeps serving", weights_folder(settings), running)
+        return
+    worker.predictor = predictor  # read once per batch by the inference thread
+    messages.put(("model", predictor.model_version))
+    log.info("models swapped: %s -> %s", running, predictor.model_version)
 
 
 class WorkerProcess:
@@ -199,6 +251,8 @@ class WorkerProcess:
             kind = message[0]
             if kind == "metric":
                 self.metrics.record(message[1], message[2])
+            elif kind == "model":  # new weights swapped in while running
+                self.model_version = message[1]
             elif kind == "ready":
                 self.model_version = message[1]
                 self._started.set()

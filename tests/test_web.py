@@ -75,7 +75,8 @@ def test_health_and_readiness(node) -> None:  # type: ignore[no-untyped-def]
     _, base, _ = node
     assert get(f"{base}/healthz") == (200, b"ok\n")
     code, body = get(f"{base}/readyz")
-    assert code == 200 and json.loads(body) == {"ready": True, "problems": []}
+    assert code == 200 and json.loads(body) == {"ready": True, "problems": [], "model": json.loads(body)["model"]}
+    assert json.loads(body)["model"].startswith("cxrnode-demo")
 
 
 def test_metrics(node) -> None:  # type: ignore[no-untyped-def]
