@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
@@ -21,25 +22,19 @@ from node.audit import AuditLog
 from node.config import Settings
 from node.launch import Launch, configure_logging, reloaded
 from node.metrics import Metrics
-from node.queue import UNFINISHED, JobState
-from node.queue.sqlite import SQLiteQueue
+from node.queue import UNFINISHED, JobState, Queue, Work, open_queue
 from node.scp import Receiver, make_ae, start_server
 from node.sender import Sender
 from node.spool import Spool
 from node.web import StatusSources, start_http
-from node.worker_process import QUEUE_FILE, WorkerProcess, WorkerStartError
+from node.worker_process import WorkerProcess, WorkerStartError
 
 log = logging.getLogger(__name__)
 
 MAIN_PID = "_CXRNODE_MAIN_PID"  # lets node.faults stop the whole node from the worker process
 
 
-def open_queue(settings: Settings) -> SQLiteQueue:
-    settings.node.data_dir.mkdir(parents=True, exist_ok=True)
-    return SQLiteQueue(settings.node.data_dir / QUEUE_FILE)
-
-
-def reconcile(spool: Spool, queue: SQLiteQueue) -> None:
+def reconcile(spool: Spool, queue: Queue, node_id: str) -> None:
     """Make the spool and the job table agree after a crash.
 
     A spooled file with no job row was never acknowledged (the crash came between the rename and the commit):
@@ -57,7 +52,7 @@ def reconcile(spool: Spool, queue: SQLiteQueue) -> None:
             if job.spool_path and not spool.absolute(job.spool_path).is_file():
                 queue.set_state(job.id, JobState.FAILED, error="spooled object missing after restart")
                 lost += 1
-    resumed = queue.recover()
+    resumed = queue.recover(node_id)
     unfinished = sum(queue.counts()[s] for s in UNFINISHED)
     log.info(
         "start-up: %d partial file(s) and %d unacknowledged object(s) removed, %d job(s) resumed, %d unfinished, "
@@ -78,6 +73,8 @@ def serve(
 ) -> int:
     launch = Launch(config_path, dict(overrides), tuple(destinations), tuple(allowed_calling_aes))
     settings = launch.settings()
+    # One node id for both processes (by default hostname:pid of this one): the worker's leases are the node's.
+    launch = replace(launch, overrides={**launch.overrides, "queue.node_id": settings.queue.node_id})
     configure_logging(settings.node.log_level)
     holder = [settings]  # replaced as a whole on SIGHUP; everyone reads holder[0]
 
@@ -86,7 +83,7 @@ def serve(
 
     spool = Spool(settings.node.data_dir)
     queue = open_queue(settings)
-    reconcile(spool, queue)
+    reconcile(spool, queue, settings.queue.node_id)
     audit = AuditLog(settings.node.data_dir)
     metrics = Metrics(queue)
     os.environ[MAIN_PID] = str(os.getpid())
@@ -98,6 +95,7 @@ def serve(
         worker.stop()
         return 2
     sender = Sender(current, queue, spool, worker.wake_sender, audit, metrics)
+    queue.listen(Work.SEND, worker.wake_sender)  # PostgreSQL: results recorded by other nodes' workers too
     stopped = threading.Event()
 
     # Handlers before the port opens: a SIGHUP or SIGTERM that arrives as soon as peers can connect is obeyed.

@@ -25,13 +25,12 @@ from types import FrameType
 
 from node.launch import Launch, configure_logging, load_predictor, reloaded
 from node.metrics import Metrics
-from node.queue.sqlite import SQLiteQueue
+from node.queue import Queue, Work, open_queue
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
-QUEUE_FILE = "queue.sqlite"
 
 
 class Doorbell:
@@ -85,7 +84,8 @@ def run(launch: Launch, wake: Doorbell, wake_sender: Doorbell, messages: multipr
     configure_logging(settings.node.log_level)
     holder = [settings]
     try:
-        queue = SQLiteQueue(settings.node.data_dir / QUEUE_FILE)
+        queue = open_queue(settings)
+        queue.listen(Work.INFER, wake)  # PostgreSQL: jobs received (or handed back) by any node
         predictor = load_predictor(settings)
     except Exception as error:  # bad weights, no GPU, unreadable database: say why, and stop
         messages.put(("error", f"{type(error).__name__}: {error}"))
@@ -119,7 +119,8 @@ def run(launch: Launch, wake: Doorbell, wake_sender: Doorbell, messages: multipr
 class WorkerProcess:
     """The receiving process's handle on the worker process: start it, hear from it, restart it, stop it."""
 
-    def __init__(self, launch: Launch, queue: SQLiteQueue, metrics: Metrics):
+    def __init__(self, launch: Launch, queue: Queue, metrics: Metrics):
+        self.node_id = launch.settings().queue.node_id  # the worker process holds its jobs under this node's id
         self.context = multiprocessing.get_context("spawn")
         self.launch = launch
         self.queue = queue
@@ -204,7 +205,7 @@ class WorkerProcess:
             log.error("worker process exited with code %s; restarting it in 5 s", process.exitcode)
             if self.stopping.wait(5.0):
                 return
-            resumed = self.queue.recover()
+            resumed = self.queue.recover(self.node_id)
             log.info("%d job(s) the worker had in hand are queued again", resumed)
             try:
                 self._spawn(600.0)
