@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from node.queue import (
     JobState,
     NewJob,
@@ -30,6 +31,7 @@ from node.queue import (
     redacted,
 )
 from node.queue.leases import LeaseKeeper
+from postgres import PASSWORD, PostgresServer, require_postgres
 
 SEG = ResultObject("SEG", "1.2.840.10008.5.1.4.1.1.66.4", "2.25.1", "results/1/seg.dcm")
 Opener = Callable[[], Queue]
@@ -379,19 +381,23 @@ def test_listeners_are_woken_by_new_work(queue: Queue) -> None:
     assert send.wait(5)
 
 
-def test_notify_wakes_another_node(open_queue: Opener, url: str) -> None:
-    if url.startswith("sqlite"):
-        pytest.skip("SQLite wakes only through the same object; between processes the node rings its own doorbells")
-    worker_node, sender_node, receiver_node = open_queue(), open_queue(), open_queue()
-    infer, send = threading.Event(), threading.Event()
-    worker_node.listen(Work.INFER, infer)
-    sender_node.listen(Work.SEND, send)
-    job_id, _ = receiver_node.add(new_job("1.1"))
-    assert infer.wait(5), "the worker node heard nothing"
-    assert not send.is_set()
-    [job] = worker_node.claim(1, "w", 30)
-    worker_node.set_results(job.id, [SEG], JobState.SENDING)
-    assert send.wait(5), "the sender node heard nothing"
+def test_notify_wakes_another_node(postgres: PostgresServer) -> None:
+    """PostgreSQL only: with SQLite, one host, the node rings its own wake-ups between its processes."""
+    url = postgres.new_database()
+    worker_node, sender_node, receiver_node = connect(url), connect(url), connect(url)
+    try:
+        infer, send = threading.Event(), threading.Event()
+        worker_node.listen(Work.INFER, infer)
+        sender_node.listen(Work.SEND, send)
+        receiver_node.add(new_job("1.1"))
+        assert infer.wait(5), "the worker node heard nothing"
+        assert not send.is_set()
+        [job] = worker_node.claim(1, "w", 30)
+        worker_node.set_results(job.id, [SEG], JobState.SENDING)
+        assert send.wait(5), "the sender node heard nothing"
+    finally:
+        for queue in (worker_node, sender_node, receiver_node):
+            queue.close()
 
 
 # -- schema, URLs, an unreachable server ------------------------------------------------------------------------------
@@ -454,11 +460,8 @@ def test_urls() -> None:
 
 
 def test_postgresql_password_from_pgpassword_and_wrong_password(
-    postgres: object, monkeypatch: pytest.MonkeyPatch
+    postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from postgres import PASSWORD, PostgresServer
-
-    assert isinstance(postgres, PostgresServer)
     bare = postgres.url(password=False)
     monkeypatch.setenv("PGPASSWORD", PASSWORD)
     connect(bare).close()
@@ -472,9 +475,6 @@ def test_postgresql_password_from_pgpassword_and_wrong_password(
 def test_postgresql_away_and_back(tmp_path: Path) -> None:
     """While the server is down every call fails with QueueUnavailable (nothing is acknowledged by mistake); once
     it is back the same queue object works again, and listeners are rung to look at the queue again."""
-    from conftest import free_port
-    from postgres import PostgresServer, require_postgres
-
     require_postgres()
     server = PostgresServer(free_port())
     try:
