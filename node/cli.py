@@ -46,10 +46,18 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", type=Path, help="TOML configuration file (default: $CXRNODE_CONFIG or built-in defaults)"
     )
     parser.add_argument("--data-dir", type=Path, help="where the spool, queue and results live")
+    parser.add_argument(
+        "--queue",
+        metavar="URL",
+        help="the job queue: sqlite:///PATH (default data_dir/queue.sqlite) or postgresql://...",
+    )
 
 
 def _settings(args: argparse.Namespace, extra: dict[str, object] | None = None) -> Settings:
-    overrides: dict[str, object] = {"node.data_dir": str(args.data_dir) if args.data_dir else None}
+    overrides: dict[str, object] = {
+        "node.data_dir": str(args.data_dir) if args.data_dir else None,
+        "queue.url": args.queue,
+    }
     overrides.update(extra or {})
     return load_settings(args.config, overrides=overrides)
 
@@ -68,6 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "inference.weights": str(args.weights) if args.weights else None,
         "inference.device": args.device,
         "http.port": args.http_port,
+        "queue.url": args.queue,
+        "queue.node_id": args.node_id,
     }
     return serve(
         args.config, overrides, destinations=args.destination or [], allowed_calling_aes=args.allow_calling_ae or []
@@ -244,8 +254,7 @@ def _timings_text(timings: dict[str, float]) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from node.queue import JobState
-    from node.service import open_queue
+    from node.queue import JobState, open_queue
 
     settings = _settings(args)
     queue = open_queue(settings)
@@ -296,7 +305,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_resend(args: argparse.Namespace) -> int:
     from node.audit import AuditLog
-    from node.service import open_queue
+    from node.queue import open_queue
 
     if not args.jobs and not args.failed:
         print("resend: give job ids, or --failed for every dead or failed job", file=sys.stderr)
@@ -420,6 +429,7 @@ def build_parser(ml_command: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--weights", type=Path, help="weights folder (default: the demo weights)")
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     serve.add_argument("--http-port", type=int, help="metrics, health and status page port (0: none; default 11180)")
+    serve.add_argument("--node-id", help="this node's name as the holder of queue jobs (default hostname:pid)")
     serve.set_defaults(func=cmd_serve)
 
     echo = commands.add_parser("echo", help="C-ECHO a DICOM peer")

@@ -468,6 +468,39 @@ class SenderSettings(_Section):
     calling_ae_title: AETitle | None = None
 
 
+def _queue_url(url: str) -> str:
+    from node.queue import check_url  # its QueueURLError is a ValueError: reported like any bad value
+
+    return check_url(url.strip())
+
+
+def _node_id(value: str) -> str:
+    value = value.strip()
+    if not value or len(value) > 200 or not value.isprintable() or any(c.isspace() for c in value):
+        raise ValueError("a node id is 1-200 printable characters without spaces, e.g. gpu-host-2 or cxr-a:1")
+    return value
+
+
+class QueueSettings(_Section):
+    """``[queue]``: where the jobs are (a SQLite file on this host, or a PostgreSQL database several nodes share), and
+    how this node holds the jobs it works on (``node.queue``)."""
+
+    url: Annotated[str, AfterValidator(_queue_url)] | None = None  # None = sqlite:///<data_dir>/queue.sqlite
+    # This node's name as the owner of the jobs it holds; unique per running node. Filled in with hostname:pid.
+    node_id: Annotated[str, AfterValidator(_node_id)] = ""
+    # Seconds a claimed job stays held without a renewal (renewed every third of it): a dead node's jobs are taken
+    # over after at most this long.
+    lease_s: Annotated[float, Field(ge=1.0, le=3600.0)] = 30.0
+
+    @model_validator(mode="after")
+    def _default_node_id(self) -> QueueSettings:
+        if not self.node_id:
+            from node.queue import default_node_id
+
+            object.__setattr__(self, "node_id", default_node_id())  # still during validation; frozen afterwards
+        return self
+
+
 class Settings(BaseModel):
     """All settings of the node: built once at start-up by :func:`load_settings` and passed down."""
 
@@ -483,6 +516,7 @@ class Settings(BaseModel):
     sender: SenderSettings = Field(default_factory=SenderSettings)
     tls: TLSSettings = Field(default_factory=TLSSettings)
     http: HTTPSettings = Field(default_factory=HTTPSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
@@ -929,6 +963,11 @@ def describe(settings: Settings) -> str:
     lines.append(
         f"sender     as {s.calling_ae_title}, {s.max_attempts} attempts, retry {s.retry_base_s:g} s x{s.retry_factor:g} "
         f"up to {s.retry_max_delay_s:g} s, timeout {s.timeout_s:g} s"
+    )
+    from node.queue import queue_url, redacted
+
+    lines.append(
+        f"queue      {redacted(queue_url(settings))}, node id {settings.queue.node_id}, lease {settings.queue.lease_s:g} s"
     )
     return "\n".join(lines)
 

@@ -60,17 +60,19 @@ def load_predictor(settings: Settings) -> Predictor:
 
 def reloaded(launch: Launch, running: Settings) -> Settings | None:
     """The settings after a SIGHUP: peers, routing, filters, outputs, sender and TLS from the file again; [node],
-    [inference] and [http] as they are (those need a restart). None, and the running settings kept, when the file
-    is now invalid."""
+    [inference], [http] and [queue] as they are (those need a restart). None, and the running settings kept, when
+    the file is now invalid."""
     try:
         new = launch.settings()
     except ConfigError as error:
         log.error("reload refused, keeping the running configuration:\n%s", error)
         return None
-    for section in ("node", "inference", "http"):
+    for section in ("node", "inference", "http", "queue"):
         if getattr(new, section) != getattr(running, section):
             log.warning("reload: changes in [%s] take effect after a restart", section)
-    new = new.model_copy(update={"node": running.node, "inference": running.inference, "http": running.http})
+    new = new.model_copy(
+        update={"node": running.node, "inference": running.inference, "http": running.http, "queue": running.queue}
+    )
     log.info(
         "reload: %d peer(s), default route %s, %d rule(s)",
         len(new.peers),

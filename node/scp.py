@@ -36,8 +36,7 @@ from node.config import Settings, TLSSettings
 from node.faults import crash_point
 from node.filters import reason_to_skip
 from node.metrics import Metrics
-from node.queue import JobState, NewJob, Queue, WakeUp
-from node.queue.sqlite import QueueError
+from node.queue import JobState, NewJob, Queue, QueueError, WakeUp
 from node.spool import Spool, SpoolError, safe_uid
 from node.statuses import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, status_dataset
 

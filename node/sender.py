@@ -24,6 +24,7 @@ from node.config import Peer, SenderSettings, Settings, TLSSettings
 from node.faults import crash_point
 from node.metrics import Metrics
 from node.queue import Job, JobState, Queue, WakeUp
+from node.queue.leases import LeaseKeeper
 from node.spool import Spool
 from node.statuses import DELIVERED
 
@@ -110,12 +111,15 @@ class Sender:
         self.wake = wake
         self.audit = audit
         self.metrics = metrics
+        self.node_id = settings().queue.node_id
+        self.leases = LeaseKeeper(queue, self.node_id, settings().queue.lease_s)  # no other sender takes ours
         self._state: dict[str, dict[str, str]] = {}
         self._state_lock = threading.Lock()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="sender", daemon=True)
 
     def start(self) -> None:
+        self.leases.start()
         self.thread.start()
 
     def destination_state(self) -> dict[str, dict[str, str]]:
@@ -131,11 +135,13 @@ class Sender:
         self.stopping.set()
         self.wake.set()
         self.thread.join(timeout)
+        self.leases.stop()
 
     def _run(self) -> None:
         while not self.stopping.is_set():
             try:
-                jobs = self.queue.due(time.time(), limit=32)
+                jobs = self.queue.claim_due(time.time(), 32, self.node_id, self.settings().queue.lease_s)
+                self.leases.hold(job.id for job in jobs)
                 for job in jobs:
                     if self.stopping.is_set():
                         return
@@ -160,7 +166,7 @@ class Sender:
         if missing or not wanted <= written:
             why = f"result file {missing[0]} missing" if missing else f"{sorted(wanted - written)} not written yet"
             log.warning("job=%d: %s (routing or output profiles changed?); analysing again", job.id, why)
-            self.queue.set_state(job.id, JobState.RECEIVED, error=why)
+            self.queue.set_state(job.id, JobState.RECEIVED, node_id=self.node_id, error=why)
             return
         for peer in destinations:
             if peer.name in delivered:
@@ -222,7 +228,12 @@ class Sender:
         self.queue.add_timing(job.id, "sending", time.perf_counter() - started)
         if not errors:
             self.queue.record_attempt(
-                job.id, delivered=sorted(delivered), error=None, next_attempt_at=0, state=JobState.DONE
+                job.id,
+                delivered=sorted(delivered),
+                error=None,
+                next_attempt_at=0,
+                state=JobState.DONE,
+                node_id=self.node_id,
             )
             self.spool.remove(job.spool_path)
             return
@@ -240,7 +251,12 @@ class Sender:
                 source_sop_instance_uid=job.sop_instance_uid,
             )
             self.queue.record_attempt(
-                job.id, delivered=sorted(delivered), error=error, next_attempt_at=0, state=JobState.DEAD
+                job.id,
+                delivered=sorted(delivered),
+                error=error,
+                next_attempt_at=0,
+                state=JobState.DEAD,
+                node_id=self.node_id,
             )
             return
         delay = backoff(settings.sender, attempts)
@@ -251,6 +267,7 @@ class Sender:
             error=error,
             next_attempt_at=time.time() + delay,
             state=JobState.SENDING,
+            node_id=self.node_id,
         )
 
 

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
@@ -25,25 +26,19 @@ from node.config import Settings
 from node.launch import Launch, configure_logging, reloaded
 from node.lock import DataDirInUse, DataDirLock
 from node.metrics import Metrics
-from node.queue import UNFINISHED, JobState
-from node.queue.sqlite import QueueError, SQLiteQueue
+from node.queue import UNFINISHED, JobState, Queue, QueueError, Work, open_queue
 from node.scp import Receiver, bind_server, make_ae, serve_associations
 from node.sender import Sender
 from node.spool import Spool, SpoolError
 from node.web import StatusSources, bind_http, serve_http
-from node.worker_process import QUEUE_FILE, WorkerProcess, WorkerStartError
+from node.worker_process import WorkerProcess, WorkerStartError
 
 log = logging.getLogger(__name__)
 
 MAIN_PID = "_CXRNODE_MAIN_PID"  # lets node.faults stop the whole node from the worker process
 
 
-def open_queue(settings: Settings) -> SQLiteQueue:
-    settings.node.data_dir.mkdir(parents=True, exist_ok=True)
-    return SQLiteQueue(settings.node.data_dir / QUEUE_FILE)
-
-
-def reconcile(spool: Spool, queue: SQLiteQueue) -> None:
+def reconcile(spool: Spool, queue: Queue, node_id: str) -> None:
     """Make the spool and the job table agree after a crash.
 
     A spooled file with no job row was never acknowledged (the crash came between the rename and the commit):
@@ -61,7 +56,7 @@ def reconcile(spool: Spool, queue: SQLiteQueue) -> None:
             if job.spool_path and not spool.absolute(job.spool_path).is_file():
                 queue.set_state(job.id, JobState.FAILED, error="spooled object missing after restart")
                 lost += 1
-    resumed = queue.recover()
+    resumed = queue.recover(node_id)
     unfinished = sum(queue.counts()[s] for s in UNFINISHED)
     log.info(
         "start-up: %d partial file(s) and %d unacknowledged object(s) removed, %d job(s) resumed, %d unfinished, "
@@ -109,6 +104,8 @@ def serve(
     started_at = time.time()
     launch = Launch(config_path, dict(overrides), tuple(destinations), tuple(allowed_calling_aes))
     settings = launch.settings()
+    # One node id for both processes (by default hostname:pid of this one): the worker's leases are the node's.
+    launch = replace(launch, overrides={**launch.overrides, "queue.node_id": settings.queue.node_id})
     configure_logging(settings.node.log_level)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
@@ -146,7 +143,7 @@ def _run(launch: Launch, settings: Settings, cleanup: contextlib.ExitStack, star
     spool = Spool(settings.node.data_dir)
     queue = open_queue(settings)
     cleanup.callback(queue.close)
-    reconcile(spool, queue)
+    reconcile(spool, queue, settings.queue.node_id)
     audit = AuditLog(settings.node.data_dir)
     metrics = Metrics(queue)
     os.environ[MAIN_PID] = str(os.getpid())
@@ -154,6 +151,7 @@ def _run(launch: Launch, settings: Settings, cleanup: contextlib.ExitStack, star
     cleanup.callback(lambda: worker.pump.ident is not None and worker.stop())
     model_version = worker.start()  # the models load here; a signal meanwhile stops the start-up
     sender = Sender(current, queue, spool, worker.wake_sender, audit, metrics)
+    queue.listen(Work.SEND, worker.wake_sender)  # PostgreSQL: results recorded by other nodes' workers too
     stopped = threading.Event()
     hurry = threading.Event()
 

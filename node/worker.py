@@ -37,6 +37,7 @@ from node.outputs import finding_summary, write_results
 from node.overlay import render_overlay
 from node.pixels import prepare
 from node.queue import Job, JobState, Queue, WakeUp
+from node.queue.leases import LeaseKeeper
 from node.spool import OVERLAYS, THUMBNAILS, Spool
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class Worker:
         self.wake = wake
         self.wake_sender = wake_sender
         self.report = report
+        self.node_id = settings().queue.node_id
+        self.leases = LeaseKeeper(queue, self.node_id, settings().queue.lease_s)  # renewed while the jobs are here
         self.stopping = threading.Event()
         batch = settings().inference.batch_size
         nice = settings().inference.nice
@@ -99,6 +102,7 @@ class Worker:
         self.thread = threading.Thread(target=self._run, name="worker-infer", daemon=True)
 
     def start(self) -> None:
+        self.leases.start()
         self.feeder.start()
         self.thread.start()
 
@@ -111,6 +115,7 @@ class Worker:
         self.thread.join(timeout)
         self.write_pool.shutdown(wait=True)
         self.prepare_pool.shutdown(wait=True)
+        self.leases.stop()
 
     # -- the stages -------------------------------------------------------------------------------------------------
 
@@ -150,9 +155,14 @@ class Worker:
             except Exception:
                 log.exception("worker: unexpected error in inference; the batch is resumed at the next start")
 
+    def _claim(self, limit: int) -> list[Job]:
+        jobs = self.queue.claim(limit, self.node_id, self.settings().queue.lease_s)
+        self.leases.hold(job.id for job in jobs)
+        return jobs
+
     def _take_batch(self) -> list[Job]:
         inference = self.settings().inference
-        jobs = self.queue.claim(inference.batch_size)
+        jobs = self._claim(inference.batch_size)
         if not jobs or len(jobs) >= inference.batch_size:
             return jobs
         deadline = time.monotonic() + inference.max_wait_ms / 1000
@@ -162,7 +172,7 @@ class Worker:
                 break
             self.wake.wait(timeout=remaining)
             self.wake.clear()
-            jobs += self.queue.claim(inference.batch_size - len(jobs))
+            jobs += self._claim(inference.batch_size - len(jobs))
         return jobs
 
     # -- one batch --------------------------------------------------------------------------------------------------
@@ -192,7 +202,7 @@ class Worker:
 
     def _prepare(self, job: Job) -> Prepared | None:
         if job.spool_path is None:
-            self.queue.set_state(job.id, JobState.FAILED, error="no spooled object for this job")
+            self.queue.set_state(job.id, JobState.FAILED, node_id=self.node_id, error="no spooled object for this job")
             return None
         path = self.spool.absolute(job.spool_path)
         try:
@@ -225,7 +235,11 @@ class Worker:
 
     def _write(self, item: Prepared, finding: Finding) -> None:
         job, settings = item.job, self.settings()
-        self.queue.set_state(job.id, JobState.WRITING, expect=JobState.INFERRING)
+        if not self.queue.set_state(job.id, JobState.WRITING, expect=JobState.INFERRING, node_id=self.node_id):
+            log.warning(
+                "job=%d: no longer held by %s (its lease expired and another node took it)", job.id, self.node_id
+            )
+            return
         started = time.perf_counter()
         try:
             finding = finding_to_stored(finding, item.orientation.transform)  # the models saw the standard display
@@ -240,7 +254,9 @@ class Worker:
             )
         except OSError as error:  # disk full or unwritable: the job stays recoverable, try again later
             log.error("job=%d sop=%s: cannot write results (%s); will retry", job.id, job.sop_instance_uid, error)
-            self.queue.set_state(job.id, JobState.RECEIVED, error=f"cannot write results: {error}")
+            self.queue.set_state(
+                job.id, JobState.RECEIVED, node_id=self.node_id, error=f"cannot write results: {error}"
+            )
             self.stopping.wait(5.0)
             return
         except Exception as error:
@@ -249,9 +265,17 @@ class Worker:
         self.queue.add_timing(job.id, "writing", time.perf_counter() - started)
         destinations = settings.destinations_for(job.calling_ae)
         state = JobState.SENDING if destinations else JobState.DONE
-        self.queue.set_results(
-            job.id, results, state, finding=finding_summary(finding), model_version=finding.model_version
-        )
+        if not self.queue.set_results(
+            job.id,
+            results,
+            state,
+            finding=finding_summary(finding),
+            model_version=finding.model_version,
+            expect=JobState.WRITING,
+            node_id=self.node_id,
+        ):
+            log.warning("job=%d: results not recorded, another node took the job over (lease expired)", job.id)
+            return
         self.report("processed", 1)
         self._thumbnail(job, item.pixels, finding)
         log.info(
@@ -286,4 +310,4 @@ class Worker:
     def _fail(self, job: Job, reason: str) -> None:
         log.warning("job=%d sop=%s failed: %s", job.id, job.sop_instance_uid, reason)
         self.report("failed", 1)
-        self.queue.set_state(job.id, JobState.FAILED, error=reason)
+        self.queue.set_state(job.id, JobState.FAILED, node_id=self.node_id, error=reason)

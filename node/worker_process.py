@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from node.config import Settings
 from node.launch import Launch, configure_logging, load_predictor, reloaded
 from node.metrics import Metrics
-from node.queue.sqlite import SQLiteQueue
+from node.queue import Queue, Work, open_queue
 from node.spool import Spool
 
 if TYPE_CHECKING:  # torch and the models: in the worker process only
@@ -40,7 +40,6 @@ if TYPE_CHECKING:  # torch and the models: in the worker process only
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
-QUEUE_FILE = "queue.sqlite"
 
 
 class Doorbell:
@@ -95,7 +94,8 @@ def run(
     configure_logging(settings.node.log_level)
     holder = [settings]
     try:
-        queue = SQLiteQueue(settings.node.data_dir / QUEUE_FILE)
+        queue = open_queue(settings)
+        queue.listen(Work.INFER, wake)  # PostgreSQL: jobs received (or handed back) by any node
         predictor = load_predictor(settings)
     except Exception as error:  # bad weights, no GPU, unreadable database: say why, and stop
         messages.put(("error", f"{type(error).__name__}: {error}"))
@@ -176,9 +176,10 @@ def swap_models(worker: Worker, settings: Settings, messages: multiprocessing.Qu
 class WorkerProcess:
     """The receiving process's handle on the worker process: start it, hear from it, restart it, stop it."""
 
-    def __init__(self, launch: Launch, settings: Callable[[], Settings], queue: SQLiteQueue, metrics: Metrics):
+    def __init__(self, launch: Launch, settings: Callable[[], Settings], queue: Queue, metrics: Metrics):
         """`settings` gives the node's settings now (as started, plus what SIGHUP reloaded): every worker, the
         first and each restarted one, is handed those rather than reading the configuration file itself."""
+        self.node_id = settings().queue.node_id  # the worker process holds its jobs under this node's id
         self.context = multiprocessing.get_context("spawn")
         self.launch = launch
         self.settings = settings
@@ -269,7 +270,7 @@ class WorkerProcess:
             log.error("worker process exited with code %s; restarting it in 5 s", process.exitcode)
             if self.stopping.wait(5.0):
                 return
-            resumed = self.queue.recover()
+            resumed = self.queue.recover(self.node_id)
             log.info("%d job(s) the worker had in hand are queued again", resumed)
             try:
                 self._spawn(600.0)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from postgres import PostgresServer, require_postgres
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CXRNODE_SHARED", REPO.parent / "shared"))
@@ -99,3 +102,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("skips allowed under CI=true")
         for report in allowed:
             terminalreporter.line(f"{report.nodeid}: {skip_reason(report)} (allowed: {allowed_skip(report.nodeid)})")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the whole session (tests/postgres.py); skips when the binaries are missing."""
+    require_postgres()
+    server = PostgresServer(free_port())
+    try:
+        yield server
+    finally:
+        server.close()

@@ -21,7 +21,7 @@ from models.synth import make_dataset, make_radiograph
 from node.audit import AuditLog
 from node.config import Peer, load_settings
 from node.outputs import KINDS, build_results, encode
-from node.queue.sqlite import SQLiteQueue
+from node.queue import connect
 from node.scp import VERIFICATION_TRANSFER_SYNTAXES, Receiver, make_ae, start_server
 from node.sender import store
 from node.spool import Spool
@@ -48,7 +48,7 @@ def test_scp_sop_classes_and_transfer_syntaxes_match_a_real_association(tmp_path
     spool = Spool(tmp_path)
     spool.prepare()
     receiver = Receiver(
-        lambda: settings, spool, SQLiteQueue(tmp_path / "q.sqlite"), threading.Event(), AuditLog(tmp_path)
+        lambda: settings, spool, connect(f"sqlite://{tmp_path / 'q.sqlite'}"), threading.Event(), AuditLog(tmp_path)
     )
     server = start_server(ae, settings, receiver)
     try:

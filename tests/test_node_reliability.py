@@ -317,9 +317,9 @@ def test_sigterm_finishes_the_transfer_in_flight(tmp_path: Path) -> None:
     assert "Received Store Response (Success)" in output  # the object in flight was received and acknowledged
     assert "SIGTERM: shutting down" in node.log.read_text()
     uid = str(pydicom.dcmread(big, stop_before_pixels=True).SOPInstanceUID)
-    from node.queue.sqlite import SQLiteQueue
+    from node.queue import connect
 
-    job = SQLiteQueue(tmp_path / "term-data" / "queue.sqlite").find(uid)
+    job = connect(f"sqlite://{tmp_path / 'term-data' / 'queue.sqlite'}").find(uid)
     assert job is not None  # recorded; the restarted node resumes it
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from node.queue import JobState, NewJob, ResultObject
-from node.queue.sqlite import QueueError, SQLiteQueue
+from node.queue import JobState, NewJob, QueueError, ResultObject
+from node.queue.sqlite import SQLiteQueue
 from node.spool import Spool, SpoolError, safe_uid, write_durably
 from node.worker_process import Doorbell
 
@@ -72,15 +72,15 @@ def test_life_of_a_job(tmp_path: Path) -> None:
     queue = SQLiteQueue(tmp_path / "q.sqlite")
     job_id, _ = queue.add(new_job("1.1"))
     queue.add(new_job("1.2", JobState.SKIPPED))
-    [claimed] = queue.claim(4)
+    [claimed] = queue.claim(4, "node-a", 30)
     assert claimed.id == job_id and claimed.state is JobState.INFERRING
-    assert queue.claim(4) == []  # nobody else gets it
+    assert queue.claim(4, "node-b", 30) == []  # nobody else gets it
     queue.set_state(job_id, JobState.WRITING, expect=JobState.INFERRING)
     result = ResultObject("SEG", "1.2.840.10008.5.1.4.1.1.66.4", "2.25.1", "results/x.dcm")
     queue.set_results(job_id, [result], JobState.SENDING)
-    assert [j.id for j in queue.due(now=1e12, limit=10)] == [job_id]
+    assert [j.id for j in queue.claim_due(1e12, 10, "node-a", 30)] == [job_id]
     queue.record_attempt(job_id, delivered=[], error="pacs: refused", next_attempt_at=1e12 + 5, state=JobState.SENDING)
-    assert queue.due(now=1e12, limit=10) == []
+    assert queue.claim_due(1e12, 10, "node-a", 30) == []
     job = queue.get(job_id)
     assert job is not None and job.attempts == 1 and job.error == "pacs: refused" and job.results == (result,)
     queue.record_attempt(job_id, delivered=["pacs"], error="archive: down", next_attempt_at=0, state=JobState.DEAD)
@@ -94,11 +94,11 @@ def test_recover_returns_interrupted_jobs_to_received(tmp_path: Path) -> None:
     queue = SQLiteQueue(tmp_path / "q.sqlite")
     for uid in ("1.1", "1.2", "1.3"):
         queue.add(new_job(uid))
-    a, b, _ = queue.claim(3)
+    a, b, _ = queue.claim(3, "node-a", 30)
     queue.set_state(b.id, JobState.WRITING)
     queue.close()
     reopened = SQLiteQueue(tmp_path / "q.sqlite")
-    assert reopened.recover() == 3
+    assert reopened.recover("node-a") == 3
     assert reopened.counts()[JobState.RECEIVED] == 3
 
 
@@ -110,7 +110,7 @@ def test_claims_from_many_threads_never_overlap(tmp_path: Path) -> None:
     lock = threading.Lock()
 
     def take() -> None:
-        while jobs := queue.claim(3):
+        while jobs := queue.claim(3, threading.current_thread().name, 30):
             with lock:
                 taken.extend(j.id for j in jobs)
 

@@ -4,28 +4,44 @@
         │            │            │           │
         └──▶ skipped └──▶ failed  └──▶ failed └──▶ (retry with backoff) ──▶ dead
 
-`Queue` is the interface the SCP, worker, sender and CLI use; `node.queue.sqlite.SQLiteQueue` is the embedded backend.
-A PostgreSQL backend implements the same methods (claiming with SELECT ... FOR UPDATE SKIP LOCKED) and nothing
-else has to change.
+`Queue` is the contract the SCP, worker, sender and CLI use, and `QueueError` and its subclasses are the only errors
+they see; `open_queue` / `connect` pick the backend from a URL (`sqlite:///PATH`, the embedded default, or
+`postgresql://USER@HOST:PORT/DB`) and nothing outside this package knows which one it is.
+
+Several processes, on one host or many, share a queue. Whoever works on a job holds it: the job records its `owner`
+(a node id, by default `hostname:pid`) and a lease (`lease_until`) that the owner renews while it works
+(`node.queue.leases.LeaseKeeper`). A job whose lease expired is anyone's to take, at any time: its holder died.
+Every state change names the state it expects (and, for a holder, itself), and says whether it happened; the loser
+of a race learns it lost and lets go.
 """
 
 from __future__ import annotations
 
 import enum
+import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from node.config import Settings
+
+QUEUE_FILE = "queue.sqlite"
+"""The embedded queue's file in the data dir, when no `[queue] url` is configured."""
+DEFAULT_LEASE_S = 30.0
 
 
 class JobState(enum.StrEnum):
     RECEIVED = "received"
-    """The object is durably in the spool; waiting for the worker."""
+    """The object is durably in the spool; waiting for a worker."""
     INFERRING = "inferring"
-    """The worker has claimed it and is running the models."""
+    """A worker has claimed it and is running the models (`owner` holds the lease)."""
     WRITING = "writing"
-    """Findings are being written as result objects."""
+    """Findings are being written as result objects (`owner` holds the lease)."""
     SENDING = "sending"
-    """Result objects are written; waiting for, or between, delivery attempts."""
+    """Result objects are written; waiting for, or between, delivery attempts (`owner`: the sender delivering it)."""
     DONE = "done"
     """Every destination has every result (or, with no destination, the results are in data_dir/results)."""
     SKIPPED = "skipped"
@@ -37,7 +53,51 @@ class JobState(enum.StrEnum):
 
 
 UNFINISHED = (JobState.RECEIVED, JobState.INFERRING, JobState.WRITING, JobState.SENDING)
-TERMINAL = (JobState.DONE, JobState.SKIPPED, JobState.FAILED, JobState.DEAD)
+LEASED = (JobState.INFERRING, JobState.WRITING, JobState.SENDING)
+"""The states in which a job can be held; in any other state it has no owner."""
+
+
+def revive_target(state: JobState, kept: bool, has_results: bool) -> JobState | None:
+    """Where `cxrnode resend` puts a job in `state`: failed ones, and skipped ones whose object was `kept`, are
+    analysed again; dead, done and sending ones are sent again if they have results, else analysed again. None for
+    one already on its way (received, inferring, writing) or a skipped one with nothing kept."""
+    if state is JobState.FAILED or (state is JobState.SKIPPED and kept):
+        return JobState.RECEIVED
+    if state in (JobState.DEAD, JobState.DONE, JobState.SENDING):
+        return JobState.SENDING if has_results else JobState.RECEIVED
+    return None
+
+
+class Work(enum.StrEnum):
+    """What a wake-up announces (`Queue.listen`)."""
+
+    INFER = "infer"
+    """A job became `received`: something for a worker."""
+    SEND = "send"
+    """A job became `sending`: something for a sender."""
+
+
+# -- errors -----------------------------------------------------------------------------------------------------------
+
+
+class QueueError(Exception):
+    """The queue could not be read or written (disk full, permissions, corruption, a refused statement)."""
+
+
+class QueueUnavailable(QueueError):
+    """The queue's database cannot be reached or written right now (server down, connection lost, every connection
+    busy, the file locked too long). Nothing was changed; try again later."""
+
+
+class QueueSchemaError(QueueError):
+    """The database's tables are not ones this cxrnode can use (written by a newer version, or a migration failed)."""
+
+
+class QueueURLError(QueueError, ValueError):
+    """A queue URL this cxrnode does not understand."""
+
+
+# -- records ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -101,19 +161,44 @@ class Job:
     probability, severity % and extent per lung; None until the job has results."""
     model_version: str | None = None
     """The model version that made the results."""
+    owner: str | None = None
+    """The node id holding the job (a worker in inferring / writing, a sender in sending); None when nobody does."""
+    lease_until: float = 0.0
+    """Until when (Unix time; the database server's clock on PostgreSQL) the owner holds it, unless renewed."""
+
+
+# -- the contract -----------------------------------------------------------------------------------------------------
 
 
 class Queue(Protocol):
     def add(self, job: NewJob) -> tuple[int, bool]:
         """Record a received object; (job id, True) when new, (existing id, False) for a SOP Instance seen before."""
 
-    def claim(self, limit: int) -> list[Job]:
-        """Atomically move up to `limit` of the oldest `received` jobs to `inferring` and return them."""
+    def claim(self, limit: int, node_id: str, lease_s: float) -> list[Job]:
+        """Atomically take up to `limit` jobs to analyse, oldest first: `received` ones, and `inferring` / `writing`
+        ones whose lease expired (their holder died). Each moves to `inferring`, held by `node_id` for `lease_s`
+        seconds. Two callers never get the same job while its lease runs."""
+
+    def renew(self, job_ids: Sequence[int], node_id: str, lease_s: float) -> list[int]:
+        """Extend to now + `lease_s` the leases `node_id` still holds among `job_ids`; returns those ids. A job that
+        moved on (results recorded, delivered, failed) or was taken over after its lease expired is not renewed."""
+
+    def claim_due(self, now: float, limit: int, node_id: str, lease_s: float) -> list[Job]:
+        """For a sender: atomically take up to `limit` jobs in `sending` whose next attempt is due at `now` and that
+        no live sender holds, oldest due first; each is held by `node_id` for `lease_s` seconds (state unchanged)."""
 
     def set_state(
-        self, job_id: int, state: JobState, *, expect: JobState | None = None, error: str | None = None
-    ) -> None:
-        """Move a job to `state` (only if it is in `expect`, when given); `error` is recorded, or cleared if None."""
+        self,
+        job_id: int,
+        state: JobState,
+        *,
+        expect: JobState | None = None,
+        node_id: str | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Move a job to `state`, only if it is in `expect` and held by `node_id` (each when given); `error` is
+        recorded, or cleared if None. Moving to a state outside inferring / writing lets go of the lease.
+        Returns whether the job moved."""
 
     def set_results(
         self,
@@ -123,12 +208,12 @@ class Queue(Protocol):
         *,
         finding: Mapping[str, object] | None = None,
         model_version: str | None = None,
-    ) -> None:
+        expect: JobState | None = None,
+        node_id: str | None = None,
+    ) -> bool:
         """Record the written result objects (with the finding they show and the model version that made them) and
-        move to `state` (sending or done) in one transaction."""
-
-    def due(self, now: float, limit: int) -> list[Job]:
-        """Jobs in `sending` whose next attempt is due, oldest first."""
+        move to `state` (sending or done) in one transaction, letting go of the lease; only if the job is in
+        `expect` and held by `node_id` (each when given). Returns whether it happened."""
 
     def record_attempt(
         self,
@@ -138,8 +223,11 @@ class Queue(Protocol):
         error: str | None,
         next_attempt_at: float,
         state: JobState,
-    ) -> None:
-        """After a delivery attempt: the destinations done so far, the error if any, the next try, the new state."""
+        node_id: str | None = None,
+    ) -> bool:
+        """After a delivery attempt: the destinations done so far, the error if any, the next try, the new state
+        (sending, done or dead); lets go of the lease. Only if the job is still in `sending` (and held by `node_id`,
+        when given). Returns whether it was recorded."""
 
     def add_timing(self, job_id: int, stage: str, seconds: float) -> None: ...
 
@@ -148,35 +236,131 @@ class Queue(Protocol):
     def find(self, sop_instance_uid: str) -> Job | None: ...
 
     def jobs(self, state: JobState | None = None, limit: int = 100, before: int | None = None) -> list[Job]:
-        """Most recent first; with `before` (a job id), only the jobs with a smaller id: the next page."""
+        """Most recent first; only jobs with an id below `before`, when given (the next page)."""
 
     def counts(self) -> dict[JobState, int]: ...
 
     def oldest_unfinished(self) -> float | None:
         """received_at of the oldest job in received / inferring / writing / sending, or None."""
 
-    def next_due_at(self) -> float | None:
-        """The earliest next_attempt_at of the jobs in `sending`, or None."""
-
     def check_writable(self) -> None:
-        """Raise if the queue cannot take a write now (for the readiness probe)."""
+        """Raise QueueError if the queue cannot take a write now (for the readiness probe)."""
 
     def revive(self, job_ids: Sequence[int] | None) -> list[Job]:
         """`cxrnode resend`: dead jobs go back to `sending` (attempts reset), failed ones to `received`.
         None means every dead or failed job. Returns the revived jobs."""
 
-    def recover(self) -> int:
-        """At start-up: jobs left in `inferring` or `writing` by a crash go back to `received`. Returns how many."""
+    def recover(self, node_id: str) -> int:
+        """At start-up, or after this node's worker process died: jobs in `inferring` / `writing` that `node_id`
+        holds, whose lease expired, or whose owner was a process on this host that is gone (`holder_is_gone`) go
+        back to `received`; those owners' `sending` jobs are let go. A live node's jobs are never taken.
+        Returns how many went back to `received`."""
+
+    def listen(self, work: Work, wake: WakeUp) -> None:
+        """Until `close`, call `wake.set()` when a job becomes ready for `work`. PostgreSQL: a change made by any
+        process on any host (LISTEN/NOTIFY); SQLite: changes made through this queue object only (other processes
+        on the host ring their own wake-ups, and every stage polls at least once a second)."""
 
     def close(self) -> None: ...
 
 
 class WakeUp(Protocol):
     """How one stage tells the next that the queue has work for it: `threading.Event` within a process,
-    `node.worker_process.Doorbell` between processes. A missed call costs at most the stage's one-second poll."""
+    `node.worker_process.Doorbell` between processes, `Queue.listen` between hosts. A missed call costs at most the
+    stage's one-second poll."""
 
     def set(self) -> None: ...
 
     def wait(self, timeout: float | None = None) -> bool: ...
 
     def clear(self) -> None: ...
+
+
+# -- node ids ---------------------------------------------------------------------------------------------------------
+
+
+def default_node_id() -> str:
+    """`hostname:pid` of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def holder_is_gone(owner: str) -> bool:
+    """True when `owner` is a default node id of this host whose process no longer runs: its jobs can be taken
+    back at once instead of when their leases expire. Any other id (another host, a chosen --node-id) is False."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+# -- opening ----------------------------------------------------------------------------------------------------------
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite:///PATH` URL (PATH absolute: `sqlite:///var/lib/q.sqlite` and SQLAlchemy's
+    `sqlite:////var/lib/q.sqlite` are the same file); None for another scheme."""
+    if not url.startswith("sqlite:"):
+        return None
+    if not url.startswith("sqlite:///") or len(url) <= len("sqlite:///"):
+        raise QueueURLError(f"{url!r}: write a SQLite queue as sqlite:///ABSOLUTE/PATH/queue.sqlite")
+    return Path("/" + url[len("sqlite:///") :].lstrip("/"))
+
+
+def check_url(url: str) -> str:
+    """`url` if this cxrnode can open such a queue, else QueueURLError saying what is accepted."""
+    if sqlite_path(url) is not None:
+        return url
+    if url.startswith(("postgresql://", "postgres://")):
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(url)
+        except Exception as error:  # psycopg.ProgrammingError: libpq's own parser refused it
+            raise QueueURLError(f"{redacted(url)}: not a valid PostgreSQL URL ({error})") from None
+        return url
+    raise QueueURLError(
+        f"{redacted(url)}: unknown queue URL; use sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE"
+    )
+
+
+def redacted(url: str) -> str:
+    """The URL with any password replaced by `***`, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    credentials, at, location = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{location}"
+
+
+def connect(url: str) -> Queue:
+    """Open the queue at `url` (its tables created or upgraded first); QueueError if it cannot be opened."""
+    path = sqlite_path(check_url(url))
+    if path is not None:
+        from node.queue.sqlite import SQLiteQueue
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise QueueError(f"{path.parent}: cannot create the queue's folder ({error})") from error
+        return SQLiteQueue(path)
+    from node.queue.postgresql import PostgreSQLQueue
+
+    return PostgreSQLQueue(url)
+
+
+def queue_url(settings: Settings) -> str:
+    """The configured `[queue] url`, or the embedded default: data_dir/queue.sqlite."""
+    return settings.queue.url or f"sqlite://{settings.node.data_dir / QUEUE_FILE}"
+
+
+def open_queue(settings: Settings) -> Queue:
+    """The node's queue, as configured."""
+    return connect(queue_url(settings))

@@ -1,7 +1,11 @@
 """The embedded queue backend: one SQLite file in WAL mode with synchronous=FULL, so a committed row survives a crash
 or power loss. Connections are lent from a pool, one caller at a time each, and go back after every transaction or
 read (a connection per thread would leak two file descriptors with every association thread pynetdicom starts);
-SQLite serialises the writers."""
+SQLite serialises the writers, and every write transaction takes the write lock at once (BEGIN IMMEDIATE), so a
+claim or a compare-and-set sees no one else's change between its read and its write.
+
+For one host: the processes sharing the file (the node and its worker process, `cxrnode jobs`) must see the same
+file system with working locks; a network file system is not one. Several hosts share a queue on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,50 +15,34 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
-from node.queue import UNFINISHED, Job, JobState, NewJob, ResultObject
+from node.queue import (
+    LEASED,
+    UNFINISHED,
+    Job,
+    JobState,
+    NewJob,
+    QueueError,
+    QueueSchemaError,
+    QueueUnavailable,
+    ResultObject,
+    WakeUp,
+    Work,
+    holder_is_gone,
+    revive_target,
+)
+from node.queue.migrations import migrations
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
-    sop_instance_uid    TEXT NOT NULL UNIQUE,
-    sop_class_uid       TEXT NOT NULL,
-    study_instance_uid  TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    transfer_syntax_uid TEXT NOT NULL,
-    calling_ae          TEXT NOT NULL,
-    called_ae           TEXT NOT NULL,
-    peer_address        TEXT NOT NULL,
-    spool_path          TEXT,
-    state               TEXT NOT NULL,
-    error               TEXT,
-    attempts            INTEGER NOT NULL DEFAULT 0,
-    received_at         REAL NOT NULL,
-    updated_at          REAL NOT NULL,
-    next_attempt_at     REAL NOT NULL DEFAULT 0,
-    results             TEXT NOT NULL DEFAULT '[]',
-    delivered           TEXT NOT NULL DEFAULT '[]',
-    timings             TEXT NOT NULL DEFAULT '{}',
-    accession_number    TEXT NOT NULL DEFAULT '',
-    study_date          TEXT NOT NULL DEFAULT '',
-    finding             TEXT,
-    model_version       TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at, id);
-"""
-
-# Columns added after the first release, for a queue.sqlite written by an older cxrnode.
+# Columns added by releases before schema versions, for a queue.sqlite written then (user_version 0).
 ADDED_COLUMNS = {
     "accession_number": "TEXT NOT NULL DEFAULT ''",
     "study_date": "TEXT NOT NULL DEFAULT ''",
     "finding": "TEXT",
     "model_version": "TEXT",
 }
-
-
-class QueueError(Exception):
-    """The queue database could not be read or written (disk full, permissions, corruption)."""
+HELD = ",".join(f"'{s.value}'" for s in LEASED)
 
 
 class SQLiteQueue:
@@ -63,15 +51,33 @@ class SQLiteQueue:
         self._idle: list[sqlite3.Connection] = []  # the pool: connections no caller holds
         self._opened: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        with self._borrowed() as db:
-            try:
-                db.executescript(SCHEMA)  # executescript manages its own transaction
-                present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
-                for column, declaration in ADDED_COLUMNS.items():
-                    if column not in present:
-                        db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
-            except sqlite3.Error as error:
-                raise QueueError(f"{self.path}: cannot create the job tables ({error})") from error
+        self._listeners: dict[Work, list[WakeUp]] = {work: [] for work in Work}
+        try:
+            self._migrate()
+        except sqlite3.Error as error:
+            raise QueueError(f"{self.path}: cannot create the job tables ({error})") from error
+
+    def _migrate(self) -> None:
+        """Apply the migrations this file lacks (PRAGMA user_version), all in one write transaction: a second
+        process opening the file at the same time waits for the lock, then finds them applied."""
+        known = migrations("sqlite")
+        with self._transaction() as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > len(known):
+                raise QueueSchemaError(
+                    f"{self.path}: schema version {version} was written by a newer cxrnode (this one knows up to "
+                    f"{len(known)}); run that version, or a newer one"
+                )
+            for migration in known[version:]:
+                for statement in migration.statements():
+                    db.execute(statement)
+                if migration.version == 1:  # a file from before schema versions may lack later columns
+                    present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+                    for column, declaration in ADDED_COLUMNS.items():
+                        if column not in present:
+                            db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
+            if version < len(known):
+                db.execute(f"PRAGMA user_version = {len(known)}")
 
     # -- connections ------------------------------------------------------------------------------------------------
 
@@ -100,6 +106,12 @@ class SQLiteQueue:
             with self._lock:
                 self._idle.append(db)
 
+    def _error(self, error: sqlite3.Error, what: str = "") -> QueueError:
+        text = f"{self.path}: {what}{error}"
+        if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+            return QueueUnavailable(text + " (another process held the write lock for 30 s)")
+        return QueueError(text)
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE (the write lock at once, so two writers never deadlock upgrading) ... COMMIT, or ROLLBACK
@@ -108,28 +120,35 @@ class SQLiteQueue:
             try:
                 db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as error:
-                raise QueueError(f"{self.path}: {error}") from error
+                raise self._error(error) from error
             try:
                 yield db
             except BaseException as error:
                 db.execute("ROLLBACK")
                 if isinstance(error, sqlite3.Error):
-                    raise QueueError(f"{self.path}: {error}") from error
+                    raise self._error(error) from error
                 raise
             try:
                 db.execute("COMMIT")
             except sqlite3.Error as commit_error:
                 db.execute("ROLLBACK")
-                raise QueueError(f"{self.path}: commit failed ({commit_error})") from commit_error
+                raise self._error(commit_error, "commit failed: ") from commit_error
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
         try:
             with self._borrowed() as db:
                 return db.execute(sql, params).fetchall()
         except sqlite3.Error as error:
-            raise QueueError(f"{self.path}: {error}") from error
+            raise self._error(error) from error
 
-    # -- the Queue interface ----------------------------------------------------------------------------------------
+    def _announce(self, *states: JobState) -> None:
+        """After a commit: wake this object's listeners for the work the new states make."""
+        for work, state in ((Work.INFER, JobState.RECEIVED), (Work.SEND, JobState.SENDING)):
+            if state in states:
+                for wake in list(self._listeners[work]):
+                    wake.set()
+
+    # -- the Queue contract -----------------------------------------------------------------------------------------
 
     def add(self, job: NewJob) -> tuple[int, bool]:
         now = time.time()
@@ -159,30 +178,67 @@ class SQLiteQueue:
                     job.study_date,
                 ),
             )
-            return int(cursor.lastrowid or 0), True
+        self._announce(job.state)
+        return int(cursor.lastrowid or 0), True
 
-    def claim(self, limit: int) -> list[Job]:
+    def claim(self, limit: int, node_id: str, lease_s: float) -> list[Job]:
         now = time.time()
         with self._transaction() as db:
             rows = db.execute(
-                "SELECT * FROM jobs WHERE state = ? ORDER BY id LIMIT ?", (JobState.RECEIVED.value, limit)
+                "SELECT * FROM jobs WHERE state = 'received' OR (state IN ('inferring', 'writing')"
+                " AND lease_until <= ?) ORDER BY id LIMIT ?",
+                (now, limit),
             ).fetchall()
             db.executemany(
-                "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?",
-                [(JobState.INFERRING.value, now, row["id"]) for row in rows],
+                "UPDATE jobs SET state = 'inferring', owner = ?, lease_until = ?, updated_at = ? WHERE id = ?",
+                [(node_id, now + lease_s, now, row["id"]) for row in rows],
             )
-        return [_job(row, state=JobState.INFERRING) for row in rows]
+        return [_job(row, state=JobState.INFERRING, owner=node_id, lease_until=now + lease_s) for row in rows]
+
+    def renew(self, job_ids: Sequence[int], node_id: str, lease_s: float) -> list[int]:
+        if not job_ids:
+            return []
+        marks = ",".join("?" * len(job_ids))
+        with self._transaction() as db:
+            rows = db.execute(
+                f"UPDATE jobs SET lease_until = ? WHERE id IN ({marks}) AND owner = ? AND state IN ({HELD})"
+                " RETURNING id",
+                [time.time() + lease_s, *job_ids, node_id],
+            ).fetchall()
+        return sorted(int(row["id"]) for row in rows)
+
+    def claim_due(self, now: float, limit: int, node_id: str, lease_s: float) -> list[Job]:
+        clock = time.time()
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT * FROM jobs WHERE state = 'sending' AND next_attempt_at <= ? AND lease_until <= ?"
+                " ORDER BY next_attempt_at, id LIMIT ?",
+                (now, clock, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE jobs SET owner = ?, lease_until = ? WHERE id = ?",
+                [(node_id, clock + lease_s, row["id"]) for row in rows],
+            )
+        return [_job(row, owner=node_id, lease_until=clock + lease_s) for row in rows]
 
     def set_state(
-        self, job_id: int, state: JobState, *, expect: JobState | None = None, error: str | None = None
-    ) -> None:
+        self,
+        job_id: int,
+        state: JobState,
+        *,
+        expect: JobState | None = None,
+        node_id: str | None = None,
+        error: str | None = None,
+    ) -> bool:
+        keeps_lease = state in (JobState.INFERRING, JobState.WRITING)
+        sql = "UPDATE jobs SET state = ?, error = ?, updated_at = ?"
+        sql += "" if keeps_lease else ", owner = NULL, lease_until = 0"
+        sql, params = _guarded(sql + " WHERE id = ?", [state.value, error, time.time(), job_id], expect, node_id)
         with self._transaction() as db:
-            sql = "UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ?"
-            params: list[object] = [state.value, error, time.time(), job_id]
-            if expect is not None:
-                sql += " AND state = ?"
-                params.append(expect.value)
-            db.execute(sql, params)
+            moved = db.execute(sql, params).rowcount == 1
+        if moved:
+            self._announce(state)
+        return moved
 
     def set_results(
         self,
@@ -192,32 +248,29 @@ class SQLiteQueue:
         *,
         finding: Mapping[str, object] | None = None,
         model_version: str | None = None,
-    ) -> None:
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE jobs SET results = ?, state = ?, error = NULL, attempts = 0, next_attempt_at = 0,"
-                " delivered = '[]', finding = ?, model_version = ?, updated_at = ? WHERE id = ?",
-                (
-                    json.dumps([r.__dict__ for r in results]),
-                    state.value,
-                    None if finding is None else json.dumps(finding),
-                    model_version,
-                    time.time(),
-                    job_id,
-                ),
-            )
-
-    def due(self, now: float, limit: int) -> list[Job]:
-        rows = self._read(
-            "SELECT * FROM jobs WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
-            (JobState.SENDING.value, now, limit),
+        expect: JobState | None = None,
+        node_id: str | None = None,
+    ) -> bool:
+        sql, params = _guarded(
+            "UPDATE jobs SET results = ?, state = ?, error = NULL, attempts = 0, next_attempt_at = 0,"
+            " delivered = '[]', finding = ?, model_version = ?, updated_at = ?, owner = NULL, lease_until = 0"
+            " WHERE id = ?",
+            [
+                json.dumps([r.__dict__ for r in results]),
+                state.value,
+                None if finding is None else json.dumps(finding),
+                model_version,
+                time.time(),
+                job_id,
+            ],
+            expect,
+            node_id,
         )
-        return [_job(row) for row in rows]
-
-    def next_due_at(self) -> float | None:
-        rows = self._read("SELECT MIN(next_attempt_at) AS t FROM jobs WHERE state = ?", (JobState.SENDING.value,))
-        value = rows[0]["t"] if rows else None
-        return float(value) if value is not None else None
+        with self._transaction() as db:
+            done = db.execute(sql, params).rowcount == 1
+        if done:
+            self._announce(state)
+        return done
 
     def record_attempt(
         self,
@@ -227,21 +280,25 @@ class SQLiteQueue:
         error: str | None,
         next_attempt_at: float,
         state: JobState,
-    ) -> None:
+        node_id: str | None = None,
+    ) -> bool:
+        sql, params = _guarded(
+            "UPDATE jobs SET delivered = ?, error = ?, next_attempt_at = ?, state = ?, attempts = attempts + ?,"
+            " updated_at = ?, owner = NULL, lease_until = 0 WHERE id = ?",
+            [
+                json.dumps(sorted(delivered)),
+                error,
+                next_attempt_at,
+                state.value,
+                1 if error else 0,
+                time.time(),
+                job_id,
+            ],
+            JobState.SENDING,
+            node_id,
+        )
         with self._transaction() as db:
-            db.execute(
-                "UPDATE jobs SET delivered = ?, error = ?, next_attempt_at = ?, state = ?,"
-                " attempts = attempts + ?, updated_at = ? WHERE id = ?",
-                (
-                    json.dumps(sorted(delivered)),
-                    error,
-                    next_attempt_at,
-                    state.value,
-                    1 if error else 0,
-                    time.time(),
-                    job_id,
-                ),
-            )
+            return db.execute(sql, params).rowcount == 1
 
     def add_timing(self, job_id: int, stage: str, seconds: float) -> None:
         with self._transaction() as db:
@@ -261,16 +318,14 @@ class SQLiteQueue:
         return _job(rows[0]) if rows else None
 
     def jobs(self, state: JobState | None = None, limit: int = 100, before: int | None = None) -> list[Job]:
-        conditions: list[str] = []
-        params: list[object] = []
+        where, params = ["1"], []
         if state is not None:
-            conditions.append("state = ?")
+            where.append("state = ?")
             params.append(state.value)
         if before is not None:
-            conditions.append("id < ?")
+            where.append("id < ?")
             params.append(before)
-        where = f"WHERE {' AND '.join(conditions)} " if conditions else ""
-        rows = self._read(f"SELECT * FROM jobs {where}ORDER BY id DESC LIMIT ?", [*params, limit])
+        rows = self._read(f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", [*params, limit])
         return [_job(row) for row in rows]
 
     def counts(self) -> dict[JobState, int]:
@@ -295,37 +350,44 @@ class SQLiteQueue:
         now = time.time()
         with self._transaction() as db:
             if job_ids is None:
-                rows = db.execute(
-                    "SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY id",
-                    (JobState.DEAD.value, JobState.FAILED.value),
-                ).fetchall()
+                rows = db.execute("SELECT * FROM jobs WHERE state IN ('dead', 'failed') ORDER BY id").fetchall()
             else:
                 marks = ",".join("?" * len(job_ids))
                 rows = db.execute(f"SELECT * FROM jobs WHERE id IN ({marks}) ORDER BY id", list(job_ids)).fetchall()
             revived = []
             for row in rows:
-                state = JobState(row["state"])
-                if state is JobState.FAILED or (state is JobState.SKIPPED and row["spool_path"]):
-                    target = JobState.RECEIVED
-                elif state in (JobState.DEAD, JobState.DONE, JobState.SENDING):
-                    target = JobState.SENDING if json.loads(row["results"]) else JobState.RECEIVED
-                else:
-                    continue  # received / inferring / writing: already on its way
+                target = revive_target(JobState(row["state"]), bool(row["spool_path"]), row["results"] != "[]")
+                if target is None:
+                    continue
                 db.execute(
-                    "UPDATE jobs SET state = ?, attempts = 0, next_attempt_at = 0, delivered = ?, error = NULL,"
-                    " updated_at = ? WHERE id = ?",
-                    (target.value, "[]", now, row["id"]),
+                    "UPDATE jobs SET state = ?, attempts = 0, next_attempt_at = 0, delivered = '[]', error = NULL,"
+                    " owner = NULL, lease_until = 0, updated_at = ? WHERE id = ?",
+                    (target.value, now, row["id"]),
                 )
-                revived.append(_job(row, state=target))
+                revived.append(_job(row, state=target, owner=None, lease_until=0.0))
+        self._announce(*(job.state for job in revived))
         return revived
 
-    def recover(self) -> int:
+    def recover(self, node_id: str) -> int:
+        now = time.time()
         with self._transaction() as db:
-            cursor = db.execute(
-                "UPDATE jobs SET state = ?, updated_at = ? WHERE state IN (?, ?)",
-                (JobState.RECEIVED.value, time.time(), JobState.INFERRING.value, JobState.WRITING.value),
+            owners = [row["owner"] for row in db.execute("SELECT DISTINCT owner FROM jobs WHERE owner IS NOT NULL")]
+            gone = [owner for owner in owners if owner == node_id or holder_is_gone(owner)]
+            marks = ",".join("?" * len(gone)) or "NULL"
+            resumed = db.execute(
+                "UPDATE jobs SET state = 'received', owner = NULL, lease_until = 0, updated_at = ?"
+                f" WHERE state IN ('inferring', 'writing') AND (lease_until <= ? OR owner IN ({marks}))",
+                [now, now, *gone],
+            ).rowcount
+            db.execute(
+                f"UPDATE jobs SET owner = NULL, lease_until = 0 WHERE state = 'sending' AND owner IN ({marks})", gone
             )
-            return cursor.rowcount
+        if resumed:
+            self._announce(JobState.RECEIVED)
+        return resumed
+
+    def listen(self, work: Work, wake: WakeUp) -> None:
+        self._listeners[work].append(wake)
 
     def close(self) -> None:
         with self._lock:
@@ -336,10 +398,23 @@ class SQLiteQueue:
                     pass
             self._opened.clear()
             self._idle.clear()
+            for wakes in self._listeners.values():
+                wakes.clear()
 
 
-def _job(row: sqlite3.Row, state: JobState | None = None) -> Job:
-    return Job(
+def _guarded(sql: str, params: list[object], expect: JobState | None, node_id: str | None) -> tuple[str, list[object]]:
+    """The compare part of a compare-and-set: the expected state and holder, when given."""
+    if expect is not None:
+        sql += " AND state = ?"
+        params.append(expect.value)
+    if node_id is not None:
+        sql += " AND owner = ?"
+        params.append(node_id)
+    return sql, params
+
+
+def _job(row: sqlite3.Row, **replaced: object) -> Job:
+    job = Job(
         id=int(row["id"]),
         sop_instance_uid=row["sop_instance_uid"],
         sop_class_uid=row["sop_class_uid"],
@@ -350,7 +425,7 @@ def _job(row: sqlite3.Row, state: JobState | None = None) -> Job:
         called_ae=row["called_ae"],
         peer_address=row["peer_address"],
         spool_path=row["spool_path"],
-        state=state or JobState(row["state"]),
+        state=JobState(row["state"]),
         error=row["error"],
         attempts=int(row["attempts"]),
         received_at=float(row["received_at"]),
@@ -363,4 +438,7 @@ def _job(row: sqlite3.Row, state: JobState | None = None) -> Job:
         study_date=row["study_date"],
         finding=None if row["finding"] is None else json.loads(row["finding"]),
         model_version=row["model_version"],
+        owner=row["owner"],
+        lease_until=float(row["lease_until"]),
     )
+    return replace(job, **replaced) if replaced else job  # type: ignore[arg-type]
