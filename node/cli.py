@@ -234,6 +234,8 @@ def _job_dict(job: Any) -> dict[str, Any]:
         "study_date": job.study_date,
         "finding": job.finding,
         "model_version": job.model_version,
+        "owner": job.owner,
+        "lease_until": round(job.lease_until, 3) if job.lease_until else None,
     }
 
 
