@@ -39,10 +39,9 @@ import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
-
-import pydicom.uid
 from urllib.parse import urlsplit
 
+import pydicom.uid
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -240,7 +239,9 @@ def _check_dicomweb_url(value: str) -> str:
     except ValueError as error:
         raise ValueError(f"not a valid URL ({error}); expected e.g. https://pacs.example.org/dicom-web") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL such as https://pacs.example.org/dicom-web (got {text!r})")
+        raise ValueError(
+            f"expected an http:// or https:// URL such as https://pacs.example.org/dicom-web (got {text!r})"
+        )
     if parts.username is not None or parts.password is not None:
         raise ValueError(
             "put credentials in username and password (or password_env), or token, not in the url: URLs are logged"

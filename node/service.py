@@ -120,7 +120,14 @@ def serve(
     server = start_server(ae, settings, receiver)
     http = start_http(
         StatusSources(
-            current, queue, metrics, sender, lambda: worker.model_version, receiver.low_on_disk, settings.node.data_dir
+            current,
+            queue,
+            metrics,
+            sender,
+            lambda: worker.model_version,
+            receiver.low_on_disk,
+            settings.node.data_dir,
+            receiver=receiver,
         )
     )
     sender.start()

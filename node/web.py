@@ -7,6 +7,7 @@
     /               the status page: this node, its peers and destinations, the queue, recent jobs with overlays
     /api/status     the same as JSON
     /thumbnails/N.png   the overlay picture of job N
+    POST /dicom-web/studies   DICOMweb STOW-RS: images in, as by C-STORE (node.stow_server)
 
 Everything but /healthz and /readyz needs the token when one is configured.
 """
@@ -32,8 +33,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from node.config import Settings
 from node.metrics import Metrics
 from node.queue import JobState, Queue
+from node.receiving import Receiver
 from node.sender import Sender
 from node.spool import THUMBNAILS
+from node.stow_server import handle_stow, is_stow_path
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class StatusSources:
     model_version: Callable[[], str | None]
     low_on_disk: Callable[[], str | None]
     data_dir: Path
+    receiver: Receiver | None = None
+    """Where STOW-RS requests are stored (None: POST is refused)."""
 
 
 def readiness(sources: StatusSources) -> list[str]:
@@ -229,6 +234,12 @@ def make_handler(sources: StatusSources) -> type[BaseHTTPRequestHandler]:
                 if path.is_file():
                     return self._send(200, path.read_bytes(), "image/png")
             return self._send(404, b"not found\n", "text/plain; charset=utf-8")
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            url = urlparse(self.path)
+            if sources.receiver is None or not is_stow_path(url.path):
+                return self._send(404, b"not found\n", "text/plain; charset=utf-8")
+            handle_stow(self, sources.receiver, url.path, authorised=self._authorised(parse_qs(url.query)))
 
     return Handler
 
