@@ -102,6 +102,7 @@ def store_dicomweb(peer: Peer, paths: Sequence[Path], *, timeout: float, tls: TL
     assert peer.url is not None  # the sender calls this for DICOMweb peers only
     datasets = [dcmread(path) for path in paths]
     client = DICOMwebClient(url=peer.url, session=session_for(peer, tls), timeout=timeout)
+    client.set_http_retry_params(retry=False)  # the sender retries, with its own backoff, and counts the attempts
     try:
         result = client.store_instances(datasets)
     except requests.HTTPError as error:

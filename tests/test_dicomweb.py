@@ -324,7 +324,8 @@ def test_stow_rs_in_dimse_out_refusals_and_a_dicomweb_dead_letter(tmp_path: Path
     try:
         image = synthetic_file(tmp_path, "chest", seed=2024, size=(480, 448), positive=True)
         source = pydicom.dcmread(image)
-        garbage = b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff"  # a PS3.10 prefix, then a broken element
+        other = synthetic_file(tmp_path, "other", seed=2025, size=(480, 448), positive=True)
+        truncated = other.read_bytes()[: other.stat().st_size // 2]  # a malformed part: its pixel data cut short
 
         with pytest.raises(requests.HTTPError) as refused:
             node_client(http_port, "wrong-token").store_instances([source])
@@ -337,12 +338,14 @@ def test_stow_rs_in_dimse_out_refusals_and_a_dicomweb_dead_letter(tmp_path: Path
         # Listed as stored, so its job is committed already: no waiting here.
         assert [j["sop_instance_uid"] for j in jobs_of(node)] == [source.SOPInstanceUID]
 
-        mixed = post_raw(http_port, multipart(image.read_bytes(), garbage))
+        mixed = post_raw(http_port, multipart(image.read_bytes(), truncated))
         assert mixed.status_code == 202, mixed.text
         answer = pydicom.Dataset.from_json(mixed.json())
         assert [str(i.ReferencedSOPInstanceUID) for i in answer.ReferencedSOPSequence] == [source.SOPInstanceUID]
-        assert [int(i.FailureReason) for i in answer.FailedSOPSequence] == [0xC000]  # Error: Cannot understand
-        assert "part 2:" in mixed.headers["Warning"] and mixed.headers["Warning"].startswith("299 ")
+        failed = [(str(i.ReferencedSOPInstanceUID), int(i.FailureReason)) for i in answer.FailedSOPSequence]
+        assert failed == [(pydicom.dcmread(other, stop_before_pixels=True).SOPInstanceUID, 0xC000)]  # Cannot understand
+        assert mixed.headers["Warning"].startswith("299 ") and "Pixel Data is truncated" in mixed.headers["Warning"]
+        assert len(jobs_of(node)) == 1  # the image was there already; nothing of the malformed part was kept
 
         alone = post_raw(http_port, multipart(b"not DICOM at all"))
         assert alone.status_code == 409
