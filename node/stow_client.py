@@ -12,6 +12,7 @@ ca_certificates when given, else the system's CAs; [tls] verify_destinations = f
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -96,6 +97,18 @@ def problems_in(result: Dataset, sent: Sequence[Dataset]) -> list[str]:
     return problems
 
 
+def no_answer(error: requests.RequestException, timeout: float) -> str:
+    """Why a request got no HTTP answer, in a line (requests' own messages repeat the URL and the pool)."""
+    if isinstance(error, requests.Timeout):
+        return f"no answer within {timeout:g} s (sender.timeout_s)"
+    cause = re.search(r"\[Errno -?\d+\] [^'\")]+", str(error))
+    if isinstance(error, requests.exceptions.SSLError):
+        return f"TLS failed: {error}"
+    if isinstance(error, requests.ConnectionError):
+        return f"cannot connect: {cause.group(0) if cause else error}"
+    return f"{type(error).__name__}: {error}"
+
+
 def store_dicomweb(peer: Peer, paths: Sequence[Path], *, timeout: float, tls: TLSSettings) -> None:
     """POST `paths` to the peer's STOW-RS service in one multipart/related request. Raises STOWError unless
     every instance is stored."""
@@ -115,7 +128,7 @@ def store_dicomweb(peer: Peer, paths: Sequence[Path], *, timeout: float, tls: TL
             f"{peer.url}: HTTP {code} {reason}{hint}" + (f": {'; '.join(details)}" if details else "")
         ) from None
     except requests.RequestException as error:  # no answer: refused, reset, timed out, TLS
-        raise STOWError(f"{peer.url}: {type(error).__name__}: {error}") from None
+        raise STOWError(f"{peer.url}: {no_answer(error, timeout)}") from None
     problems = problems_in(result, datasets)
     if problems:
         raise STOWError(f"{peer.url}: {'; '.join(problems)}")
