@@ -17,13 +17,15 @@ serve: $(STAMP)
 	$(BIN)/cxrnode serve
 
 # Real peers for the integration tests: DCMTK (storescu, storescp, echoscu, dcmsend), dicom3tools (dciodvfy), Orthanc,
-# Chromium + chromedriver (status page), openssl (test certificates).
+# Chromium + chromedriver (status page), openssl (test certificates), Orthanc's DICOMweb plugin (STOW-RS peer).
 TOOLS := storescu dciodvfy Orthanc chromium chromedriver openssl
+FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 tools:
-	@missing=$$(for t in $(TOOLS); do command -v $$t >/dev/null || echo $$t; done); [ -z "$$missing" ] || { \
+	@missing=$$(for t in $(TOOLS); do command -v $$t >/dev/null || echo $$t; done; \
+	  for f in $(FILES); do [ -e $$f ] || echo $$f; done); [ -z "$$missing" ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends \
-	    dcmtk dicom3tools orthanc chromium chromium-driver openssl; }
+	    dcmtk dicom3tools orthanc orthanc-dicomweb chromium chromium-driver openssl; }
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -35,7 +35,7 @@ from dicom_peers import (
 from dicom_validation import assert_valid_dicom
 from node.config import ConfigError, describe, load_settings, with_command_line_peers
 from node.stow_client import problems_in
-from node.stow_server import RequestError, split_multipart
+from node.stow_server import RequestError, client_peer, split_multipart
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 TOKEN = "stow-token-5e1f"
@@ -114,9 +114,9 @@ def multipart(*parts: bytes) -> bytes:
     return body + f"--{BOUNDARY}--\r\n".encode()
 
 
-def post_raw(http_port: int, body: bytes, token: str = TOKEN) -> requests.Response:
+def post_raw(http_port: int, body: bytes, token: str = TOKEN, study: str = "") -> requests.Response:
     return requests.post(
-        f"http://127.0.0.1:{http_port}/dicom-web/studies",
+        f"http://127.0.0.1:{http_port}/dicom-web/studies" + (f"/{study}" if study else ""),
         data=body,
         headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
@@ -216,6 +216,26 @@ def test_dicomweb_peers_in_the_config(tmp_path: Path) -> None:
     assert added.routing.default == [web.name, dimse.name]
     with pytest.raises(ConfigError, match="--destination http://u:p@h/x: url: put credentials"):
         with_command_line_peers(plain, ["http://u:p@h/x"], [], {})
+
+
+def test_stow_rs_clients_are_the_may_send_peers_by_address(tmp_path: Path) -> None:
+    """HTTP has no calling AE title: with may_send peers declared, a client is the one whose addresses it calls from."""
+    path = tmp_path / "node.toml"
+    path.write_text(
+        '[[peers]]\nname = "modality"\nae_title = "CR1"\nhost = "10.1.2.3"\nport = 104\n'
+        '[[peers]]\nname = "ris"\nurl = "http://10.9.9.9/dicom-web"\naddresses = ["10.0.0.0/8"]\n'
+        '[[peers]]\nname = "pacs"\nae_title = "PACS"\nhost = "10.5.5.5"\nport = 104\nmay_send = false\n'
+        'addresses = ["10.5.5.5"]\n'
+    )
+    settings = load_settings(path, environ={})
+    peer, refusal = client_peer(settings, "10.5.5.5")
+    assert peer is not None and peer.name == "ris" and refusal is None  # pacs may not send; ris's network holds it
+    assert client_peer(settings, "192.168.1.7") == (
+        None,
+        "no peer with may_send = true lists 192.168.1.7 in its addresses",
+    )  # the modality lists no addresses, so it may send by C-STORE (its AE title) but not by STOW-RS
+    assert settings.allowed_calling_aes() == {"CR1"}  # the DICOMweb peer has no AE title to call with
+    assert client_peer(load_settings(None, environ={}), "192.168.1.7") == (None, None)  # no may_send peer: anyone
 
 
 def test_stow_response_problems_name_each_instance() -> None:
@@ -351,6 +371,10 @@ def test_stow_rs_in_dimse_out_refusals_and_a_dicomweb_dead_letter(tmp_path: Path
         assert alone.status_code == 409
         assert [int(i.FailureReason) for i in pydicom.Dataset.from_json(alone.json()).FailedSOPSequence] == [0xC000]
         assert "not a DICOM PS3.10 file" in alone.headers["Warning"]
+        elsewhere = post_raw(http_port, multipart(other.read_bytes()), study="1.2.3.4")  # another study's URL
+        assert elsewhere.status_code == 409 and "another study than 1.2.3.4" in elsewhere.headers["Warning"]
+        assert [int(i.FailureReason) for i in pydicom.Dataset.from_json(elsewhere.json()).FailedSOPSequence] == [0xA900]
+        assert len(jobs_of(node)) == 1
         wrong_type = requests.post(
             f"http://127.0.0.1:{http_port}/dicom-web/studies",
             data=b"{}",
