@@ -423,7 +423,8 @@ class Peer(_Section):
     @model_validator(mode="before")
     @classmethod
     def _host_and_port_from_url(cls, data: Any) -> Any:
-        """A DICOMweb peer's host and port are its URL's; written again, they must agree with it."""
+        """A DICOMweb peer's host and port are its URL's (written again, they must agree with it); it has no AE
+        title and does not send to us unless ae_title and may_send = true say so."""
         if not isinstance(data, dict) or not isinstance(data.get("url"), str):
             return data
         try:
@@ -437,7 +438,7 @@ class Peer(_Section):
                 problems.append(((key,), f"a peer with url takes its {key} from it ({value}); remove {key}"))
         if problems:
             raise PydanticCustomError("cross_check", "{count} problems", {"count": len(problems), "problems": problems})
-        return {"ae_title": "", **data, "host": host or "-", "port": port}
+        return {"ae_title": "", "may_send": False, **data, "host": host or "-", "port": port}
 
     @model_validator(mode="after")
     def _dicomweb_or_dimse(self, info: ValidationInfo) -> Peer:

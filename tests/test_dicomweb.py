@@ -223,7 +223,7 @@ def test_stow_rs_clients_are_the_may_send_peers_by_address(tmp_path: Path) -> No
     path = tmp_path / "node.toml"
     path.write_text(
         '[[peers]]\nname = "modality"\nae_title = "CR1"\nhost = "10.1.2.3"\nport = 104\n'
-        '[[peers]]\nname = "ris"\nurl = "http://10.9.9.9/dicom-web"\naddresses = ["10.0.0.0/8"]\n'
+        '[[peers]]\nname = "ris"\nurl = "http://10.9.9.9/dicom-web"\nmay_send = true\naddresses = ["10.0.0.0/8"]\n'
         '[[peers]]\nname = "pacs"\nae_title = "PACS"\nhost = "10.5.5.5"\nport = 104\nmay_send = false\n'
         'addresses = ["10.5.5.5"]\n'
     )
@@ -236,6 +236,8 @@ def test_stow_rs_clients_are_the_may_send_peers_by_address(tmp_path: Path) -> No
     )  # the modality lists no addresses, so it may send by C-STORE (its AE title) but not by STOW-RS
     assert settings.allowed_calling_aes() == {"CR1"}  # the DICOMweb peer has no AE title to call with
     assert client_peer(load_settings(None, environ={}), "192.168.1.7") == (None, None)  # no may_send peer: anyone
+    path.write_text('[[peers]]\nname = "web"\nurl = "http://10.9.9.9/dicom-web"\n')
+    assert load_settings(path, environ={}).allowed_calling_aes() is None  # a DICOMweb destination locks nobody out
 
 
 def test_stow_response_problems_name_each_instance() -> None:
