@@ -276,6 +276,9 @@ def handle_stow(request: BaseHTTPRequestHandler, receiver: Receiver, path: str, 
         if not isinstance(boundary, str) or not boundary:
             _drain(request, limit)
             raise RequestError(400, "the Content-Type has no boundary parameter")
+        if _expects_continue(request):
+            request.send_response_only(100)  # RFC 9110 10.1.1: the client waits for this before sending the body
+            request.end_headers()
         parts = split_multipart(read_body(request.headers, request.rfile, limit), boundary)
         if not parts:
             raise RequestError(400, "the multipart body has no parts")
@@ -316,9 +319,16 @@ def handle_stow(request: BaseHTTPRequestHandler, receiver: Receiver, path: str, 
     _answer(request, status, body, DICOM_JSON, {}, warnings)
 
 
+def _expects_continue(request: BaseHTTPRequestHandler) -> bool:
+    return request.request_version >= "HTTP/1.1" and request.headers.get("Expect", "").lower() == "100-continue"
+
+
 def _drain(request: BaseHTTPRequestHandler, limit: int) -> None:
     """Read and drop the body of a request refused before it was read, so that the client gets the answer rather
-    than a reset connection (up to the request size limit; beyond it the connection is closed)."""
+    than a reset connection (up to the request size limit; beyond it the connection is closed). A client that
+    waits for 100 Continue has sent no body: there is nothing to read."""
+    if _expects_continue(request):
+        return
     try:
         read_body(request.headers, request.rfile, limit)
     except (RequestError, OSError):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
@@ -33,9 +35,14 @@ from dicom_peers import (
     write_config,
 )
 from dicom_validation import assert_valid_dicom
+from node.audit import AuditLog
 from node.config import ConfigError, describe, load_settings, with_command_line_peers
+from node.queue.sqlite import SQLiteQueue
+from node.receiving import Receiver
+from node.spool import Spool
 from node.stow_client import problems_in
 from node.stow_server import RequestError, client_peer, split_multipart
+from node.web import StatusSources, start_http
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 TOKEN = "stow-token-5e1f"
@@ -253,6 +260,56 @@ def test_stow_response_problems_name_each_instance() -> None:
         "1.2.3.2: failed, 0xA700 Refused: Out of Resources",
         "1.2.3.3: not listed as stored in the response",
     ]
+
+
+def test_stow_rs_in_process_with_curl_expect_continue_and_the_address_policy(tmp_path: Path) -> None:
+    """The HTTP side alone (real queue and spool, no model): curl sends a 2 MB image the way Orthanc's libcurl does,
+    with Expect: 100-continue, and gets 100 Continue, then 200 with the job committed; a client from an address no
+    may_send peer lists gets 403 and nothing is stored."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    http_port = free_port()
+    path = tmp_path / "node.toml"
+    path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n[http]\nport = {http_port}\ntoken = "{TOKEN}"\n')
+    holder = [load_settings(path, environ={})]
+    spool, queue = Spool(holder[0].node.data_dir), SQLiteQueue(tmp_path / "queue.db")
+    spool.prepare()
+    receiver = Receiver(lambda: holder[0], spool, queue, threading.Event(), AuditLog(holder[0].node.data_dir))
+    sources = StatusSources(
+        lambda: holder[0], queue, receiver.metrics, None, lambda: "test", lambda: None, spool.data_dir
+    )
+    server = start_http(replace(sources, receiver=receiver))
+    assert server is not None
+    image = synthetic_file(tmp_path, "big", seed=77, size=(1100, 1000), bits=16)
+    body = tmp_path / "body"
+    body.write_bytes(multipart(image.read_bytes()))
+
+    def curl() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["curl", "-sS", "-v", "-X", "POST", "--data-binary", f"@{body}", "-H", "Expect: 100-continue",
+             "-H", f'Content-Type: multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+             "-H", f"Authorization: Bearer {TOKEN}", "-w", "\nHTTP %{http_code}",
+             f"http://127.0.0.1:{http_port}/dicom-web/studies"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    try:
+        done = curl()
+        assert "100 Continue" in done.stderr and done.stdout.endswith("HTTP 200"), done.stderr + done.stdout
+        uid = str(pydicom.dcmread(image, stop_before_pixels=True).SOPInstanceUID)
+        job = queue.find(uid)
+        assert job is not None and job.spool_path and spool.absolute(job.spool_path).is_file()
+        path.write_text(
+            path.read_text() + '[[peers]]\nname = "ris"\nae_title = "RIS"\nhost = "10.1.1.1"\nport = 104\n'
+            'addresses = ["10.1.1.1"]\n'
+        )
+        holder[0] = load_settings(path, environ={})
+        refused = curl()
+        assert refused.stdout.endswith("HTTP 403") and "lists 127.0.0.1" in refused.stdout, refused.stdout
+        assert len(queue.jobs(limit=10)) == 1
+    finally:
+        server.shutdown()
+        queue.close()
 
 
 # -- with real peers --------------------------------------------------------------------------------------------------
