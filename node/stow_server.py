@@ -239,6 +239,34 @@ def response_dataset(outcomes: list[Outcome]) -> Dataset:
 # -- the HTTP exchange ------------------------------------------------------------------------------------------------
 
 
+def admission(request: BaseHTTPRequestHandler, receiver: Receiver, authorised: bool) -> tuple[Peer | None, str]:
+    """Whether to read this request at all: (the peer it comes from, the multipart boundary), or RequestError. The
+    checks C-STORE makes when an association is requested, and those of the request's media types."""
+    settings = receiver.settings()
+    if not authorised:
+        raise RequestError(401, "the [http] token is required: Authorization: Bearer TOKEN")
+    peer, refusal = client_peer(settings, request.client_address[0])
+    if refusal:
+        raise RequestError(403, refusal)
+    busy = "the node is shutting down" if receiver.stopping.is_set() else receiver.low_on_disk()
+    if busy:
+        raise RequestError(503, busy)
+    content_type = media_type(request.headers.get("Content-Type", ""))
+    declared = content_type.get_param("type")
+    if content_type.get_content_type() != "multipart/related" or (
+        isinstance(declared, str) and declared.lower() != DICOM
+    ):
+        got = request.headers.get("Content-Type")
+        raise RequestError(415, f'expected Content-Type multipart/related; type="{DICOM}" (got {got!r})')
+    accept = request.headers.get("Accept", "*/*")
+    if not any(kind in accept for kind in (DICOM_JSON, "application/json", "*/*", "application/*")):
+        raise RequestError(406, f"the response is {DICOM_JSON} only (Accept: {accept!r})")
+    boundary = content_type.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
+        raise RequestError(400, "the Content-Type has no boundary parameter")
+    return peer, boundary
+
+
 def handle_stow(request: BaseHTTPRequestHandler, receiver: Receiver, path: str, *, authorised: bool) -> None:
     """Answer one STOW-RS request (called by node.web's do_POST)."""
     settings = receiver.settings()
@@ -247,35 +275,11 @@ def handle_stow(request: BaseHTTPRequestHandler, receiver: Receiver, path: str, 
     request.connection.settimeout(settings.node.network_timeout_s)  # a silent client does not hold a thread for ever
     limit = int(settings.node.max_object_mb * 1e6) + SLACK_BYTES
     try:
-        if not authorised:
+        try:
+            peer, boundary = admission(request, receiver, authorised)
+        except RequestError:
             _drain(request, limit)
-            raise RequestError(401, "the [http] token is required: Authorization: Bearer TOKEN")
-        peer, refusal = client_peer(settings, address)
-        if refusal:
-            _drain(request, limit)
-            raise RequestError(403, refusal)
-        busy = "the node is shutting down" if receiver.stopping.is_set() else receiver.low_on_disk()
-        if busy:
-            _drain(request, limit)
-            raise RequestError(503, busy)
-        content_type = media_type(request.headers.get("Content-Type", ""))
-        declared = content_type.get_param("type")
-        if content_type.get_content_type() != "multipart/related" or (
-            isinstance(declared, str) and declared.lower() != DICOM
-        ):
-            _drain(request, limit)
-            raise RequestError(
-                415,
-                f'expected Content-Type multipart/related; type="{DICOM}" (got {request.headers.get("Content-Type")!r})',
-            )
-        accept = request.headers.get("Accept", "*/*")
-        if not any(kind in accept for kind in (DICOM_JSON, "application/json", "*/*", "application/*")):
-            _drain(request, limit)
-            raise RequestError(406, f"the response is {DICOM_JSON} only (Accept: {accept!r})")
-        boundary = content_type.get_param("boundary")
-        if not isinstance(boundary, str) or not boundary:
-            _drain(request, limit)
-            raise RequestError(400, "the Content-Type has no boundary parameter")
+            raise
         if _expects_continue(request):
             request.send_response_only(100)  # RFC 9110 10.1.1: the client waits for this before sending the body
             request.end_headers()
