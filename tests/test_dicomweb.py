@@ -7,6 +7,8 @@ storescp, with `dicomweb-client` as the STOW-RS, QIDO-RS and WADO-RS client.
   is refused (401) with nothing stored; a malformed part gets its own failure reason (202, then 409 alone).
 - A DICOMweb destination that is down: the job ends `dead` after the configured attempts; once the destination is
   up, `cxrnode resend` delivers.
+- Without the model (the HTTP side in this process): curl with Expect: 100-continue, the address policy (403), and
+  the STOW-RS client's bearer token against the node's own STOW-RS server.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import json
 import shutil
 import subprocess
 import threading
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pydicom
@@ -36,11 +40,11 @@ from dicom_peers import (
 )
 from dicom_validation import assert_valid_dicom
 from node.audit import AuditLog
-from node.config import ConfigError, describe, load_settings, with_command_line_peers
+from node.config import ConfigError, Peer, Settings, TLSSettings, describe, load_settings, with_command_line_peers
 from node.queue.sqlite import SQLiteQueue
 from node.receiving import Receiver
 from node.spool import Spool
-from node.stow_client import problems_in
+from node.stow_client import STOWError, problems_in, store_dicomweb
 from node.stow_server import RequestError, client_peer, split_multipart
 from node.web import StatusSources, start_http
 
@@ -262,16 +266,27 @@ def test_stow_response_problems_name_each_instance() -> None:
     ]
 
 
-def test_stow_rs_in_process_with_curl_expect_continue_and_the_address_policy(tmp_path: Path) -> None:
-    """The HTTP side alone (real queue and spool, no model): curl sends a 2 MB image the way Orthanc's libcurl does,
-    with Expect: 100-continue, and gets 100 Continue, then 200 with the job committed; a client from an address no
-    may_send peer lists gets 403 and nothing is stored."""
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
+@dataclass
+class InProcessStow:
+    """The node's HTTP side alone, in this process: real queue, spool and STOW-RS server, no model."""
+
+    http_port: int
+    config: Path
+    holder: list[Settings]
+    spool: Spool
+    queue: SQLiteQueue
+
+    def reload(self, extra: str) -> None:
+        self.config.write_text(self.config.read_text() + extra)
+        self.holder[0] = load_settings(self.config, environ={})
+
+
+@contextmanager
+def in_process_stow(tmp_path: Path) -> Iterator[InProcessStow]:
     http_port = free_port()
-    path = tmp_path / "node.toml"
-    path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n[http]\nport = {http_port}\ntoken = "{TOKEN}"\n')
-    holder = [load_settings(path, environ={})]
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n[http]\nport = {http_port}\ntoken = "{TOKEN}"\n')
+    holder = [load_settings(config, environ={})]
     spool, queue = Spool(holder[0].node.data_dir), SQLiteQueue(tmp_path / "queue.db")
     spool.prepare()
     receiver = Receiver(lambda: holder[0], spool, queue, threading.Event(), AuditLog(holder[0].node.data_dir))
@@ -280,36 +295,62 @@ def test_stow_rs_in_process_with_curl_expect_continue_and_the_address_policy(tmp
     )
     server = start_http(replace(sources, receiver=receiver))
     assert server is not None
-    image = synthetic_file(tmp_path, "big", seed=77, size=(1100, 1000), bits=16)
-    body = tmp_path / "body"
-    body.write_bytes(multipart(image.read_bytes()))
-
-    def curl() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["curl", "-sS", "-v", "-X", "POST", "--data-binary", f"@{body}", "-H", "Expect: 100-continue",
-             "-H", f'Content-Type: multipart/related; type="application/dicom"; boundary={BOUNDARY}',
-             "-H", f"Authorization: Bearer {TOKEN}", "-w", "\nHTTP %{http_code}",
-             f"http://127.0.0.1:{http_port}/dicom-web/studies"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-
     try:
-        done = curl()
-        assert "100 Continue" in done.stderr and done.stdout.endswith("HTTP 200"), done.stderr + done.stdout
-        uid = str(pydicom.dcmread(image, stop_before_pixels=True).SOPInstanceUID)
-        job = queue.find(uid)
-        assert job is not None and job.spool_path and spool.absolute(job.spool_path).is_file()
-        path.write_text(
-            path.read_text() + '[[peers]]\nname = "ris"\nae_title = "RIS"\nhost = "10.1.1.1"\nport = 104\n'
-            'addresses = ["10.1.1.1"]\n'
-        )
-        holder[0] = load_settings(path, environ={})
-        refused = curl()
-        assert refused.stdout.endswith("HTTP 403") and "lists 127.0.0.1" in refused.stdout, refused.stdout
-        assert len(queue.jobs(limit=10)) == 1
+        yield InProcessStow(http_port, config, holder, spool, queue)
     finally:
         server.shutdown()
         queue.close()
+
+
+def test_stow_rs_in_process_with_curl_expect_continue_and_the_address_policy(tmp_path: Path) -> None:
+    """curl sends a 2 MB image the way Orthanc's libcurl does, with Expect: 100-continue, and gets 100 Continue,
+    then 200 with the job committed; a client from an address no may_send peer lists gets 403, nothing stored."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    image = synthetic_file(tmp_path, "big", seed=77, size=(1100, 1000), bits=16)
+    body = tmp_path / "body"
+    body.write_bytes(multipart(image.read_bytes()))
+    with in_process_stow(tmp_path) as node:
+
+        def curl() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ["curl", "-sS", "-v", "-X", "POST", "--data-binary", f"@{body}", "-H", "Expect: 100-continue",
+                 "-H", f'Content-Type: multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+                 "-H", f"Authorization: Bearer {TOKEN}", "-w", "\nHTTP %{http_code}",
+                 f"http://127.0.0.1:{node.http_port}/dicom-web/studies"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+
+        done = curl()
+        assert "100 Continue" in done.stderr and done.stdout.endswith("HTTP 200"), done.stderr + done.stdout
+        job = node.queue.find(str(pydicom.dcmread(image, stop_before_pixels=True).SOPInstanceUID))
+        assert job is not None and job.spool_path and node.spool.absolute(job.spool_path).is_file()
+        node.reload(
+            '[[peers]]\nname = "ris"\nae_title = "RIS"\nhost = "10.1.1.1"\nport = 104\naddresses = ["10.1.1.1"]\n'
+        )
+        refused = curl()
+        assert refused.stdout.endswith("HTTP 403") and "lists 127.0.0.1" in refused.stdout, refused.stdout
+        assert len(node.queue.jobs(limit=10)) == 1
+
+
+def test_stow_client_with_a_bearer_token_against_the_nodes_own_stow_rs(tmp_path: Path) -> None:
+    """node.stow_client sends with the peer's bearer token (read from the variable token_env names): the right one
+    stores, a wrong one fails with HTTP 401 and a hint, never the token itself."""
+    images = [synthetic_file(tmp_path, f"i{n}", seed=80 + n, size=(300, 280)) for n in range(2)]
+    with in_process_stow(tmp_path) as node:
+        url = f"http://127.0.0.1:{node.http_port}/dicom-web"
+        peer = Peer.model_validate(
+            {"name": "self", "url": url, "token_env": "SELF_TOKEN"}, context={"environ": {"SELF_TOKEN": "x"}}
+        )
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("SELF_TOKEN", TOKEN)
+            store_dicomweb(peer, images, timeout=30, tls=TLSSettings())
+            assert len(node.queue.jobs(limit=10)) == 2
+            patch.setenv("SELF_TOKEN", "not-the-token")
+            with pytest.raises(STOWError) as refused:
+                store_dicomweb(peer, images[:1], timeout=30, tls=TLSSettings())
+    assert str(refused.value).startswith(f"{url}: HTTP 401 Unauthorized (check the peer's token")
+    assert "not-the-token" not in str(refused.value)
 
 
 # -- with real peers --------------------------------------------------------------------------------------------------
