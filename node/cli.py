@@ -424,8 +424,9 @@ def build_parser(ml_command: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument(
         "--destination",
         action="append",
-        metavar="AE@HOST:PORT",
-        help="send results here (repeatable); replaces the configured default route",
+        metavar="AE@HOST:PORT|URL",
+        help="send results here (repeatable): by C-STORE, or by STOW-RS to a DICOMweb base URL (credentials from "
+        "CXRNODE_DESTINATION_TOKEN, or CXRNODE_DESTINATION_USERNAME and _PASSWORD); replaces the default route",
     )
     serve.add_argument("--allow-calling-ae", nargs="+", metavar="AE", help="accept associations only from these AEs")
     serve.add_argument("--weights", type=Path, help="weights folder (default: the demo weights)")

@@ -14,6 +14,9 @@ what is wrong and what is allowed. All problems found are reported together, one
 Environment variables (for containers):
 
 * ``CXRNODE_CONFIG`` — the TOML file to read when ``load_settings`` gets no path.
+* ``CXRNODE_DESTINATION_TOKEN``, or ``CXRNODE_DESTINATION_USERNAME`` and ``CXRNODE_DESTINATION_PASSWORD`` — the
+  credentials of ``serve --destination https://…`` (a DICOMweb destination given on the command line).
+* The variables a peer names in ``token_env`` / ``password_env`` (its DICOMweb credentials), whatever their names.
 * ``CXRNODE_<SECTION>__<KEY>`` — one setting, e.g. ``CXRNODE_NODE__PORT=104``, ``CXRNODE_INFERENCE__DEVICE=cpu``.
   Lists are comma-separated (``CXRNODE_ROUTING__DEFAULT=pacs,archive``) or a TOML array
   (``CXRNODE_FILTERS__BODY_PARTS='["CHEST", ""]'``); an empty value is an empty list, or "unset" for the
@@ -36,6 +39,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import urlsplit
 
 import pydicom.uid
 from pydantic import (
@@ -44,7 +48,9 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -70,7 +76,16 @@ __all__ = [
 
 ENV_PREFIX = "CXRNODE_"
 ENV_CONFIG = "CXRNODE_CONFIG"
-ENV_NOT_SETTINGS = {ENV_CONFIG, "CXRNODE_CRASH_AT"}  # CXRNODE_CRASH_AT: node.faults, for fault-injection tests
+ENV_DESTINATION_TOKEN = "CXRNODE_DESTINATION_TOKEN"  # credentials of a DICOMweb `serve --destination URL`
+ENV_DESTINATION_USERNAME = "CXRNODE_DESTINATION_USERNAME"
+ENV_DESTINATION_PASSWORD = "CXRNODE_DESTINATION_PASSWORD"
+ENV_NOT_SETTINGS = {
+    ENV_CONFIG,
+    "CXRNODE_CRASH_AT",  # node.faults, for fault-injection tests
+    ENV_DESTINATION_TOKEN,
+    ENV_DESTINATION_USERNAME,
+    ENV_DESTINATION_PASSWORD,
+}
 RESULTS_DIR_NAME = "results"
 
 
@@ -208,6 +223,46 @@ def _check_network(value: str) -> str:
 
 
 IPNetworkText = Annotated[str, AfterValidator(_check_network)]
+
+
+def is_url(text: str) -> bool:
+    """Whether a destination is written as a DICOMweb base URL rather than AE@HOST:PORT."""
+    return text.strip().lower().startswith(("http://", "https://"))
+
+
+def _check_dicomweb_url(value: str) -> str:
+    """A DICOMweb base URL (the part before /studies), without a trailing slash."""
+    text = value.strip()
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as error:
+        raise ValueError(f"not a valid URL ({error}); expected e.g. https://pacs.example.org/dicom-web") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"expected an http:// or https:// URL such as https://pacs.example.org/dicom-web (got {text!r})"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "put credentials in username and password (or password_env), or token, not in the url: URLs are logged"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"the DICOMweb base URL takes no query or fragment (got {text!r})")
+    return text.rstrip("/")
+
+
+def _check_env_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise ValueError(f"expected the name of an environment variable, e.g. PACS_TOKEN (got {value!r})")
+    return value
+
+
+def _optional_ae_title(value: str) -> str:
+    return check_ae_title(value) if isinstance(value, str) and value.strip() else ""
+
+
+DICOMwebURL = Annotated[str, AfterValidator(_check_dicomweb_url)]
+EnvName = Annotated[str, AfterValidator(_check_env_name)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Seconds = Annotated[float, Field(gt=0.0)]
 OutputObject = Annotated[Literal["SEG", "SR", "GSPS", "SC"], BeforeValidator(_upper)]
@@ -317,10 +372,14 @@ class NodeSettings(_Section):
 
 
 class Peer(_Section):
-    """``[[peers]]``: another application entity: a modality or PACS that sends us images, a destination for results."""
+    """``[[peers]]``: another application entity: a modality or PACS that sends us images, a destination for results.
+
+    A destination with a ``url`` gets its results by DICOMweb STOW-RS (PS3.18 10.5) instead of C-STORE; host and
+    port then come from the url, and ae_title is needed only if the peer also sends to us by C-STORE. Credentials
+    (bearer token, or HTTP basic user name and password) are given here or, better, named by ``*_env`` keys."""
 
     name: PeerName
-    ae_title: AETitle
+    ae_title: Annotated[str, AfterValidator(_optional_ae_title)]  # "" only for a peer with url
     host: Host
     port: Port
     may_send: bool = True  # may send images to us (C-STORE) and C-ECHO us
@@ -333,10 +392,80 @@ class Peer(_Section):
     tls: bool = False
     # The result objects this destination gets (its output profile); None = [outputs] objects.
     objects: OutputObjects | None = None
+    # A DICOMweb destination: its base URL (STOW-RS posts to URL/studies), and its credentials, never logged.
+    url: DICOMwebURL | None = None
+    token: SecretStr | None = None  # Authorization: Bearer
+    token_env: EnvName | None = None  # ...or the environment variable that holds the token
+    username: str | None = None  # HTTP basic authentication
+    password: SecretStr | None = None
+    password_env: EnvName | None = None
 
     @property
     def address(self) -> Address:
         return Address(self.ae_title, self.host, self.port)
+
+    @property
+    def where(self) -> str:
+        """Where results go, for logs and the audit: the URL or AE@HOST:PORT (never a credential)."""
+        return self.url if self.url else str(self.address)
+
+    def token_value(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The bearer token, from the file or the variable token_env names (read now)."""
+        if self.token_env:
+            return (os.environ if environ is None else environ).get(self.token_env) or None
+        return self.token.get_secret_value() if self.token else None
+
+    def password_value(self, environ: Mapping[str, str] | None = None) -> str | None:
+        if self.password_env:
+            return (os.environ if environ is None else environ).get(self.password_env) or None
+        return self.password.get_secret_value() if self.password else None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _host_and_port_from_url(cls, data: Any) -> Any:
+        """A DICOMweb peer's host and port are its URL's (written again, they must agree with it); it has no AE
+        title and does not send to us unless ae_title and may_send = true say so."""
+        if not isinstance(data, dict) or not isinstance(data.get("url"), str):
+            return data
+        try:
+            parts = urlsplit(data["url"].strip())
+            host, port = parts.hostname or "", parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        except ValueError:
+            return data  # the url's own check reports it
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for key, value in (("host", host), ("port", port)):
+            if key in data and str(data[key]).strip("[] ") != str(value):
+                problems.append(((key,), f"a peer with url takes its {key} from it ({value}); remove {key}"))
+        if problems:
+            raise PydanticCustomError("cross_check", "{count} problems", {"count": len(problems), "problems": problems})
+        return {"ae_title": "", "may_send": False, **data, "host": host or "-", "port": port}
+
+    @model_validator(mode="after")
+    def _dicomweb_or_dimse(self, info: ValidationInfo) -> Peer:
+        environ = (info.context or {}).get("environ", os.environ)
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.url is None:
+            if not self.ae_title:
+                problems.append((("ae_title",), "required unless the peer has a url (a DICOMweb destination)"))
+            for key in ("token", "token_env", "username", "password", "password_env"):
+                if getattr(self, key) is not None:
+                    problems.append(((key,), f"{key} is for a DICOMweb destination: give url too, or remove {key}"))
+        elif self.tls:
+            problems.append((("tls",), "tls is DICOM TLS for C-STORE; for DICOMweb use an https:// url"))
+        for secret in ("token", "password"):
+            if getattr(self, secret) is not None and getattr(self, f"{secret}_env") is not None:
+                problems.append(((f"{secret}_env",), f"give {secret} or {secret}_env, not both"))
+            name = getattr(self, f"{secret}_env")
+            if name is not None and not environ.get(name):
+                problems.append(((f"{secret}_env",), f"environment variable {name} is not set or is empty"))
+        has_password = self.password is not None or self.password_env is not None
+        if has_password and not self.username:
+            problems.append((("username",), "a password needs its username (HTTP basic authentication)"))
+        if (self.token is not None or self.token_env is not None) and (self.username or has_password):
+            problems.append((("token",), "give a bearer token or a username and password, not both"))
+        if problems:
+            raise PydanticCustomError("cross_check", "{count} problems", {"count": len(problems), "problems": problems})
+        return self
 
 
 class HTTPSettings(_Section):
@@ -634,8 +763,9 @@ class Settings(BaseModel):
 
     def allowed_calling_aes(self) -> set[str] | None:
         """AE titles that may send to us, or None (any calling AE accepted) when no peer has may_send = true."""
-        allowed = {p.ae_title for p in self.peers if p.may_send}
-        return allowed or None
+        if not any(p.may_send for p in self.peers):
+            return None
+        return {p.ae_title for p in self.peers if p.may_send and p.ae_title}  # a DICOMweb-only peer has none
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -679,8 +809,14 @@ def load_settings(
         _resolve_file_paths(data, Path(path))
         problems += _quoted_scalars(data, default_source)
 
+    named_by_peers = {
+        peer.get(key)
+        for peer in (data.get("peers") if isinstance(data.get("peers"), list) else [])
+        if isinstance(peer, dict)
+        for key in ("token_env", "password_env")
+    }
     for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_SETTINGS:
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_SETTINGS or name in named_by_peers:
             continue
         label = f"environment {name}"
         section, sep, key = name[len(ENV_PREFIX) :].lower().partition("__")
@@ -711,15 +847,16 @@ def load_settings(
 
     if problems:
         raise ConfigError(problems)
+    context = {"environ": environ}  # for the peers' token_env / password_env
     try:
-        return Settings.model_validate(data)
+        return Settings.model_validate(data, context=context)
     except ValidationError as error:
         problems = _problems(error, sources, default_source)
     # Cross-checks run only once everything validated; run them on peers + routing alone so that, e.g., an unknown
     # peer name in routing is reported together with a bad port elsewhere.
     if not any(p.key.startswith(("peers", "routing")) for p in problems):
         try:
-            Settings.model_validate({k: data[k] for k in ("peers", "routing") if k in data})
+            Settings.model_validate({k: data[k] for k in ("peers", "routing") if k in data}, context=context)
         except ValidationError as error:
             problems += _problems(error, sources, default_source)
     raise ConfigError(problems)
@@ -894,7 +1031,8 @@ def _problems(error: ValidationError, sources: Mapping[tuple[str, ...], str], de
         loc = tuple(item["loc"])
         if item["type"] == "cross_check":
             for cross_loc, message in item["ctx"]["problems"]:
-                problems.append(Problem(source(cross_loc), _key_path(cross_loc), message))
+                full = (*loc, *cross_loc)  # a section's own cross-check names keys relative to it
+                problems.append(Problem(source(full), _key_path(full), message))
             continue
         message = item["msg"]
         for prefix in ("Value error, ", "Assertion failed, "):
@@ -925,7 +1063,7 @@ def describe(settings: Settings) -> str:
         + (
             "any calling AE (no peer has may_send = true)"
             if allowed is None
-            else "calling AEs " + ", ".join(sorted(allowed))
+            else "calling AEs " + (", ".join(sorted(allowed)) or "none (the peers that may send have no AE title)")
         ),
     ]
     routed = set(settings.routing.default).union(*(r.destinations for r in settings.routing.rules))
@@ -934,7 +1072,13 @@ def describe(settings: Settings) -> str:
         role = ", ".join(roles) or "unused"
         if peer.name in routed:
             role += f": {', '.join(settings.objects_for(peer))}"
-        text = f"peer       {peer.name}: {peer.address} ({role}{', TLS' if peer.tls else ''})"
+        if peer.url:
+            auth = (
+                ", bearer token" if peer.token or peer.token_env else f", user {peer.username}" if peer.username else ""
+            )
+            text = f"peer       {peer.name}: {peer.url} (DICOMweb; {role}{auth})"
+        else:
+            text = f"peer       {peer.name}: {peer.address} ({role}{', TLS' if peer.tls else ''})"
         lines.append(text + (f" - {peer.description}" if peer.description else ""))
 
     def route(names: list[str]) -> str:
@@ -973,24 +1117,48 @@ def describe(settings: Settings) -> str:
 
 
 def with_command_line_peers(
-    settings: Settings, destinations: Sequence[str], allowed_calling_aes: Sequence[str]
+    settings: Settings,
+    destinations: Sequence[str],
+    allowed_calling_aes: Sequence[str],
+    environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """`serve --destination AE@HOST:PORT` and `--allow-calling-ae AE` on top of the file's peers."""
+    """`serve --destination AE@HOST:PORT` (or a DICOMweb base URL, its credentials from CXRNODE_DESTINATION_*) and
+    `--allow-calling-ae AE` on top of the file's peers."""
     if not destinations and not allowed_calling_aes:
         return settings
+    environ = os.environ if environ is None else environ
     data = settings.model_dump()
     names: list[str] = []
     taken = {peer["name"] for peer in data["peers"]}
     for index, text in enumerate(destinations, start=1):
-        address = parse_address(text)
         # Named by its AE title, as the admin wrote it ("PACS"), unless that is not a valid or free peer name.
-        name = address.ae_title if _PEER_NAME.match(address.ae_title) else f"destination-{index}"
+        address = None if is_url(text) else parse_address(text)
+        name = address.ae_title if address and _PEER_NAME.match(address.ae_title) else f"destination-{index}"
         if name in taken:
             name = f"{name}-{index}"
         taken.add(name)
-        data["peers"].append(
-            {"name": name, "ae_title": address.ae_title, "host": address.host, "port": address.port, "may_send": False}
-        )
+        if address is None:
+            peer: dict[str, Any] = {"name": name, "url": text, "may_send": False}
+            if environ.get(ENV_DESTINATION_TOKEN):
+                peer["token_env"] = ENV_DESTINATION_TOKEN
+            if environ.get(ENV_DESTINATION_USERNAME):
+                peer["username"] = environ[ENV_DESTINATION_USERNAME]
+            if environ.get(ENV_DESTINATION_PASSWORD):
+                peer["password_env"] = ENV_DESTINATION_PASSWORD
+            try:
+                data["peers"].append(Peer.model_validate(peer, context={"environ": environ}).model_dump())
+            except ValidationError as error:
+                raise ConfigError(_problems(error, {}, f"--destination {text}")) from None
+        else:
+            data["peers"].append(
+                {
+                    "name": name,
+                    "ae_title": address.ae_title,
+                    "host": address.host,
+                    "port": address.port,
+                    "may_send": False,
+                }
+            )
         names.append(name)
     if names:
         data["routing"]["default"] = names
@@ -1005,4 +1173,4 @@ def with_command_line_peers(
                 "description": "--allow-calling-ae",
             }
         )
-    return Settings.model_validate(data)
+    return Settings.model_validate(data, context={"environ": environ})

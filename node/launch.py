@@ -39,7 +39,7 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
         force=True,
     )
-    for noisy in ("pynetdicom", "highdicom"):
+    for noisy in ("pynetdicom", "highdicom", "dicomweb_client"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -1,9 +1,9 @@
 """The Storage SCP: association policy, and the C-ECHO and C-STORE handlers.
 
-The C-STORE handler only checks, writes, records and answers: the object goes to the spool (temporary file, fsync,
-atomic rename, directory fsync), its job is committed to the queue, and only then is Success returned. Pixel data is
-not decoded here; the worker does that. A disk or database failure answers 0xA700 (Out of Resources) and leaves no
-file.
+The C-STORE handler only checks, writes, records and answers, by `node.receiving.receive` (shared with STOW-RS): the
+object goes to the spool (temporary file, fsync, atomic rename, directory fsync), its job is committed to the queue,
+and only then is Success returned. Pixel data is not decoded here; the worker does that. A disk or database failure
+answers 0xA700 (Out of Resources) and leaves no file.
 
 Association policy (`admission_refusal`, run when an A-ASSOCIATE-RQ arrives): the called AE title must be ours; when
 peers with may_send are declared, the calling AE title must be one of them, calling from one of its addresses when
@@ -17,28 +17,18 @@ import ipaddress
 import logging
 import ssl
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from io import BytesIO
+from dataclasses import dataclass, replace
 
-from pydicom import Dataset, dcmread
-from pydicom.dataelem import RawDataElement
-from pydicom.encaps import generate_fragments
-from pydicom.uid import UID
+from pydicom import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.audit import AuditLog
 from node.config import Settings, TLSSettings
-from node.faults import crash_point
-from node.filters import reason_to_skip
-from node.metrics import Metrics
-from node.queue import JobState, NewJob, Queue, QueueError, WakeUp
-from node.spool import Spool, SpoolError, safe_uid
-from node.statuses import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, status_dataset
+from node.receiving import Arrival, Receiver, receive, refuse
+from node.statuses import CANNOT_UNDERSTAND, SUCCESS, status_dataset
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +50,6 @@ TRANSFER_SYNTAXES = [
 """Every transfer syntax the SCP accepts; each one decodes with pydicom and its pixel-data plugins."""
 
 VERIFICATION_TRANSFER_SYNTAXES = TRANSFER_SYNTAXES[:4]
-DEFER_BYTES = 64 * 1024  # values larger than this are not read when a received object is checked
-UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -78,29 +66,6 @@ CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)
 CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
 TEMPORARY_CONGESTION = (0x02, 0x03, 0x01)
 LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
-
-
-@dataclass
-class Receiver:
-    """What the handlers need: the current settings, the spool, the queue, a way to wake the worker, the audit."""
-
-    settings: Callable[[], Settings]
-    spool: Spool
-    queue: Queue
-    wake_worker: WakeUp
-    audit: AuditLog
-    metrics: Metrics = field(default_factory=Metrics)
-    stopping: threading.Event = field(default_factory=threading.Event)
-
-    def low_on_disk(self) -> str | None:
-        """Why the data dir is below its low-water mark, or None."""
-        node = self.settings().node
-        free, total = self.spool.free_bytes(), self.spool.total_bytes()
-        if free < node.min_free_mb * 1e6:
-            return f"only {free / 1e6:.0f} MB free in {self.spool.data_dir} (low-water mark {node.min_free_mb:g} MB)"
-        if total and 100 * free / total < node.min_free_percent:
-            return f"only {100 * free / total:.2f} % free in {self.spool.data_dir} (low-water mark {node.min_free_percent:g} %)"
-        return None
 
 
 # -- association policy -----------------------------------------------------------------------------------------------
@@ -226,184 +191,26 @@ def handle_echo(event: Event) -> int:
     return SUCCESS
 
 
-def decoded_size(header: Dataset) -> int:
-    """Bytes the pixel data would take decoded (one byte per 1-bit sample), from the header alone."""
-
-    def number(keyword: str, default: int) -> int:
-        try:
-            return max(0, int(header.get(keyword, default) or default))
-        except (TypeError, ValueError):
-            return default
-
-    bits = number("BitsAllocated", 16)
-    return (
-        number("Rows", 0)
-        * number("Columns", 0)
-        * number("NumberOfFrames", 1)
-        * number("SamplesPerPixel", 1)
-        * max(1, bits // 8)
-    )
-
-
-def integrity_problem(ds: Dataset, sop_class: str, sop_instance: str, file_size: int) -> str | None:
-    """Why a received data set is not whole and consistent, or None. Checks lengths and identities only; nothing
-    is decoded. `ds` is read with deferred large values, so Pixel Data's declared length and file offset are known
-    without reading it. (pydicom reads a truncated data set without complaint, so the checks are made here.)"""
-    if str(ds.get("SOPInstanceUID", "")) != sop_instance:
-        return "SOP Instance UID in the data set is missing or differs from the C-STORE request's"
-    if str(ds.get("SOPClassUID", "")) != sop_class:
-        return "SOP Class UID in the data set is missing or differs from the C-STORE request's"
-    if "PixelData" not in ds:
-        return None  # not every storage object has pixels; the worker says so if it needed them
-    raw = ds.get_item("PixelData")
-    if isinstance(raw, RawDataElement):  # still as read: its declared length and where its value starts
-        undefined = raw.length == UNDEFINED_LENGTH
-        arrived = min(raw.length, max(0, file_size - raw.value_tell)) if raw.value is None else len(raw.value)
-    else:  # already converted by pydicom
-        undefined = raw.is_undefined_length
-        arrived = len(raw.value or b"")
-    if undefined:  # encapsulated (read in full, it cannot be deferred): every fragment must be whole
-        try:
-            fragments = sum(1 for _ in generate_fragments(ds.PixelData))
-        except Exception as error:
-            return f"encapsulated Pixel Data is truncated or malformed ({error})"
-        return None if fragments else "encapsulated Pixel Data has no fragments"
-    expected = decoded_size(ds)
-    if int(ds.get("BitsAllocated", 16) or 16) == 1:  # 1-bit data packs eight pixels in a byte
-        expected = (expected + 7) // 8
-    if arrived < expected:
-        return f"Pixel Data is truncated: {arrived} of {expected} bytes"
-    return None
-
-
-def _refuse(receiver: Receiver, peer: str, sop_instance: str, status: int, why: str) -> Dataset:
-    log.warning("C-STORE from %s sop=%s refused (0x%04X): %s", peer, sop_instance, status, why)
-    receiver.metrics.refused.labels(status=f"0x{status:04X}").inc()
-    receiver.audit.record(
-        "instance",
-        outcome="refused",
-        status=f"0x{status:04X}",
-        peer=peer,
-        sop_instance_uid=sop_instance,
-        reason=why[:300],
-    )
-    return status_dataset(status, why)
-
-
 def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
-    """Check, store durably, record the job, then answer. Every failure becomes a status; nothing is half-kept."""
-    peer = _peer(event)
-    request = event.request
-    sop_class = str(request.AffectedSOPClassUID)
-    sop_instance = str(request.AffectedSOPInstanceUID)
-    settings = receiver.settings()
-    try:
-        safe_uid(sop_instance)
-        data = event.encoded_dataset(include_meta=True)
-        size = len(data)
-        header = dcmread(BytesIO(data), defer_size=DEFER_BYTES)  # large values are not even copied; nothing decoded
-    except Exception as error:  # a data set pydicom cannot parse
-        return _refuse(receiver, peer, sop_instance, CANNOT_UNDERSTAND, f"cannot parse data set: {error}")
-    crash_point("received")
-    if size > settings.node.max_object_mb * 1e6:
-        return _refuse(
-            receiver,
-            peer,
-            sop_instance,
-            OUT_OF_RESOURCES,
-            f"object is {size / 1e6:.0f} MB, above max_object_mb {settings.node.max_object_mb:g}",
-        )
-    if decoded_size(header) > settings.node.max_decoded_mb * 1e6:
-        return _refuse(
-            receiver,
-            peer,
-            sop_instance,
-            OUT_OF_RESOURCES,
-            f"image would decode to {decoded_size(header) / 1e6:.0f} MB, above max_decoded_mb "
-            f"{settings.node.max_decoded_mb:g}",
-        )
-    problem = integrity_problem(header, sop_class, sop_instance, size)
-    if problem:
-        return _refuse(receiver, peer, sop_instance, CANNOT_UNDERSTAND, problem)
-    low = receiver.low_on_disk()
-    if low:
-        return _refuse(receiver, peer, sop_instance, OUT_OF_RESOURCES, low)
-    transfer_syntax = str(event.context.transfer_syntax)
-    reason = reason_to_skip(header, sop_class, settings.filters)
-    new_job = NewJob(
-        sop_instance_uid=sop_instance,
-        sop_class_uid=sop_class,
-        study_instance_uid=str(header.get("StudyInstanceUID", "")),
-        series_instance_uid=str(header.get("SeriesInstanceUID", "")),
-        transfer_syntax_uid=transfer_syntax,
-        calling_ae=event.assoc.requestor.ae_title,
+    """EVT_C_STORE: `receive` the data set, then answer with its status."""
+    request, requestor = event.request, event.assoc.requestor
+    arrival = Arrival(
+        data=b"",
+        sop_class_uid=str(request.AffectedSOPClassUID),
+        sop_instance_uid=str(request.AffectedSOPInstanceUID),
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+        calling_ae=requestor.ae_title,
         called_ae=event.assoc.acceptor.ae_title,
-        peer_address=event.assoc.requestor.address,
-        spool_path=None,
-        state=JobState.SKIPPED if reason else JobState.RECEIVED,
-        error=reason,
-        accession_number=str(header.get("AccessionNumber", "") or ""),
-        study_date=str(header.get("StudyDate", "") or ""),
+        address=requestor.address,
+        peer=_peer(event),
     )
-    stored = None
     try:
-        existing = receiver.queue.find(sop_instance)
-        if existing is not None:
-            log.info(
-                "C-STORE from %s sop=%s: already job=%d (%s), acknowledged again",
-                peer,
-                sop_instance,
-                existing.id,
-                existing.state,
-            )
-            receiver.audit.record(
-                "instance",
-                outcome="duplicate",
-                peer=peer,
-                job=existing.id,
-                sop_instance_uid=sop_instance,
-                study_instance_uid=new_job.study_instance_uid,
-            )
-            return SUCCESS
-        if reason is None:
-            stored = receiver.spool.store_object(sop_instance, data)
-            new_job = replace(new_job, spool_path=receiver.spool.relative(stored))
-            crash_point("spooled")
-        job_id, created = receiver.queue.add(new_job)
-    except (SpoolError, QueueError, OSError) as error:
-        if stored is not None:
-            stored.unlink(missing_ok=True)
-        return _refuse(receiver, peer, sop_instance, OUT_OF_RESOURCES, f"cannot store: {error}")
-    if not created and stored is not None:  # another association recorded it first; its file is the same object
-        log.info("C-STORE from %s sop=%s: duplicate of job=%d", peer, sop_instance, job_id)
-        return SUCCESS
-    receiver.audit.record(
-        "instance",
-        outcome="skipped" if reason else "received",
-        peer=peer,
-        job=job_id,
-        reason=reason,
-        sop_instance_uid=sop_instance,
-        sop_class_uid=sop_class,
-        study_instance_uid=new_job.study_instance_uid,
-        series_instance_uid=new_job.series_instance_uid,
-        transfer_syntax_uid=transfer_syntax,
-    )
-    if reason:
-        receiver.metrics.skipped.inc()
-        log.info("C-STORE from %s sop=%s job=%d skipped: %s", peer, sop_instance, job_id, reason)
+        arrival = replace(arrival, data=event.encoded_dataset(include_meta=True))
+    except Exception as error:  # a data set pynetdicom cannot even hand over
+        receipt = refuse(receiver, arrival, CANNOT_UNDERSTAND, f"cannot parse data set: {error}")
     else:
-        receiver.metrics.received.inc()
-        log.info(
-            "C-STORE from %s sop=%s job=%d received (%s, %s)",
-            peer,
-            sop_instance,
-            job_id,
-            UID(sop_class).name,
-            UID(transfer_syntax).name,
-        )
-        receiver.wake_worker.set()
-    return SUCCESS
+        receipt = receive(receiver, arrival)
+    return SUCCESS if receipt.status == SUCCESS else status_dataset(receipt.status, receipt.why or "")
 
 
 def _peer(event: Event) -> str:

@@ -1,7 +1,8 @@
-"""The sender: C-STORE SCU that delivers each job's result objects to its destinations, with retries.
+"""The sender: delivers each job's result objects to its destinations, with retries: by C-STORE, or by DICOMweb
+STOW-RS (node.stow_client) to a destination with a url.
 
-A destination has a job's results when every object was answered with Success or one of the storage warnings
-0xB000 / 0xB006 / 0xB007. Otherwise the job is tried again after base × factor^(attempt-1) seconds (at most
+A C-STORE destination has a job's results when every object was answered with Success or one of the storage
+warnings 0xB000 / 0xB006 / 0xB007; a STOW-RS destination when it lists every one as stored. Otherwise the job is tried again after base × factor^(attempt-1) seconds (at most
 max_delay), and after max_attempts it is `dead` with the last error; `cxrnode resend` revives it.
 """
 
@@ -27,6 +28,7 @@ from node.queue import Job, JobState, Queue, WakeUp
 from node.queue.leases import LeaseKeeper
 from node.spool import Spool
 from node.statuses import DELIVERED
+from node.stow_client import store_dicomweb
 
 log = logging.getLogger(__name__)
 
@@ -176,16 +178,19 @@ class Sender:
             paths = [self.spool.absolute(r.path) for r in results]
             attempt_started = time.perf_counter()
             try:
-                store(
-                    peer,
-                    paths,
-                    calling_ae=settings.sender.calling_ae_title or settings.node.ae_title,
-                    timeout=settings.sender.timeout_s,
-                    sop_classes=[r.sop_class_uid for r in results],
-                    tls=client_tls_context(settings.tls) if peer.tls else None,
-                )
+                if peer.url:
+                    store_dicomweb(peer, paths, timeout=settings.sender.timeout_s, tls=settings.tls)
+                else:
+                    store(
+                        peer,
+                        paths,
+                        calling_ae=settings.sender.calling_ae_title or settings.node.ae_title,
+                        timeout=settings.sender.timeout_s,
+                        sop_classes=[r.sop_class_uid for r in results],
+                        tls=client_tls_context(settings.tls) if peer.tls else None,
+                    )
                 crash_point("sending")
-            except Exception as error:  # DeliveryError, or a network error pynetdicom raised
+            except Exception as error:  # DeliveryError, STOWError, or a network error pynetdicom raised
                 errors.append(f"{peer.name}: {error}")
                 self.metrics.send_failures.labels(destination=peer.name).inc()
                 self._note(peer.name, last_error=f"{_now()} {error}"[:300])
@@ -195,7 +200,7 @@ class Sender:
                     job=job.id,
                     destination=peer.name,
                     ae_title=peer.ae_title,
-                    address=f"{peer.host}:{peer.port}",
+                    address=peer.url or f"{peer.host}:{peer.port}",
                     reason=str(error)[:300],
                     source_sop_instance_uid=job.sop_instance_uid,
                     study_instance_uid=job.study_instance_uid,
@@ -206,12 +211,10 @@ class Sender:
             self.metrics.send_seconds.labels(destination=peer.name).observe(time.perf_counter() - attempt_started)
             self._note(peer.name, last_delivered=_now(), last_error="")
             log.info(
-                "job=%d delivered to %s (%s@%s:%d): %s",
+                "job=%d delivered to %s (%s): %s",
                 job.id,
                 peer.name,
-                peer.ae_title,
-                peer.host,
-                peer.port,
+                peer.where,
                 " ".join(f"{r.kind}={r.sop_instance_uid}" for r in results),
             )
             self.audit.record(
@@ -220,7 +223,7 @@ class Sender:
                 job=job.id,
                 destination=peer.name,
                 ae_title=peer.ae_title,
-                address=f"{peer.host}:{peer.port}",
+                address=peer.url or f"{peer.host}:{peer.port}",
                 source_sop_instance_uid=job.sop_instance_uid,
                 study_instance_uid=job.study_instance_uid,
                 results={r.kind: r.sop_instance_uid for r in results},

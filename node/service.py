@@ -187,6 +187,7 @@ def _run(launch: Launch, settings: Settings, cleanup: contextlib.ExitStack, star
         receiver.low_on_disk,
         settings.node.data_dir,
         started_at=started_at,
+        receiver=receiver,
     )
     try:  # listen; two nodes that bound the same port at the same moment (SO_REUSEADDR) part here
         serve_associations(ae, server, settings, receiver)

@@ -7,6 +7,8 @@ from pydicom import Dataset
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 """Refused: Out of Resources — the object could not be stored durably (disk full, database unwritable)."""
+DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+"""Error: Data Set Does Not Match SOP Class — e.g. a STOW-RS instance of another study than the URL names."""
 CANNOT_UNDERSTAND = 0xC000
 """Error: Cannot Understand — the data set cannot be parsed."""
 COERCION_OF_DATA_ELEMENTS = 0xB000

@@ -12,6 +12,7 @@
         ?limit=L        jobs per page (1 to 500, default 20)
     /thumbnails/N.png   the overlay picture of job N, small
     /overlays/N.jpg     the same, full size
+    POST /dicom-web/studies   DICOMweb STOW-RS: images in, as by C-STORE (node.stow_server)
 
 Everything but /healthz and /readyz needs the token when one is configured. The page shows Accession Number and
 Study Date, never a patient's name, ID or birth date; nothing from a job's study is logged.
@@ -41,9 +42,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from node.config import Settings
 from node.metrics import Metrics
 from node.queue import Job, JobState, Queue
+from node.receiving import Receiver
 from node.sender import Sender
 from node.spool import OVERLAYS, THUMBNAILS
 from node.status_page import status_page
+from node.stow_server import handle_stow, is_stow_path
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,8 @@ class StatusSources:
     started_at: float = field(default_factory=time.time)
     """When the node started (time.time()), for the uptime."""
     throughput: Throughput = field(init=False)
+    receiver: Receiver | None = None
+    """Where STOW-RS requests are stored (None: POST is refused)."""
 
     def __post_init__(self) -> None:
         self.throughput = Throughput(self.started_at)
@@ -300,6 +305,12 @@ def make_handler(sources: StatusSources) -> type[BaseHTTPRequestHandler]:
                 if path.is_file():
                     return self._send(200, path.read_bytes(), PICTURES[folder][1])
             return self._send(404, b"not found\n", "text/plain; charset=utf-8")
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            url = urlparse(self.path)
+            if sources.receiver is None or not is_stow_path(url.path):
+                return self._send(404, b"not found\n", "text/plain; charset=utf-8")
+            handle_stow(self, sources.receiver, url.path, authorised=self._authorised(parse_qs(url.query)))
 
     return Handler
 
