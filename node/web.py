@@ -371,3 +371,8 @@ def serve_http(server: StatusServer | None, sources: StatusSources) -> StatusSer
         " (token required)" if http.token else "",
     )
     return server
+
+
+def start_http(sources: StatusSources) -> StatusServer | None:
+    """Bind and serve at once (tests, tools)."""
+    return serve_http(bind_http(sources.settings()), sources)

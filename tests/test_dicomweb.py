@@ -31,7 +31,9 @@ from conftest import free_port
 from dicom_peers import (
     NodeProcess,
     StoreSCP,
+    orthanc_executable,
     require_dcmtk,
+    require_orthanc,
     source_of,
     synthetic_file,
     wait_for_port,
@@ -56,7 +58,7 @@ BOUNDARY = "cxrnode-test-boundary"
 
 
 def require_orthanc_dicomweb() -> None:
-    if shutil.which("Orthanc") is None or not DICOMWEB_PLUGIN.is_file():
+    if orthanc_executable() is None or not DICOMWEB_PLUGIN.is_file():
         pytest.skip("Orthanc with its DICOMweb plugin is not installed (make tools installs orthanc-dicomweb)")
 
 
@@ -89,7 +91,7 @@ class OrthancWeb:
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(configuration, indent=2))
         self.process = subprocess.Popen(
-            ["Orthanc", str(path)], stdout=open(self.folder / "orthanc.log", "ab"), stderr=subprocess.STDOUT
+            [require_orthanc(), str(path)], stdout=open(self.folder / "orthanc.log", "ab"), stderr=subprocess.STDOUT
         )
         wait_for_port(self.http_port, 60, self.process)
         return self
