@@ -4,6 +4,7 @@ meet it: the command run as a subprocess, its output and exit status read."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,9 @@ from node.queue.sqlite import SQLiteQueue
 
 def cxrnode(*args: str, shell_tail: str = "") -> subprocess.CompletedProcess[str]:
     command = " ".join([f"'{sys.executable}'", "-m", "node.cli", *(f"'{a}'" for a in args)]) + shell_tail
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXRNODE_")}  # as the other node tests do
     return subprocess.run(
-        ["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, cwd=REPO, timeout=120
+        ["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, cwd=REPO, timeout=120, env=env
     )
 
 
