@@ -1,4 +1,5 @@
-"""A synthetic radiograph as a DICOM CR Image or Digital X-Ray Image - For Presentation object (`make_dataset`)."""
+"""A synthetic radiograph as a DICOM CR Image (PS3.3 A.2) or Digital X-Ray Image - For Presentation (PS3.3 A.26)
+object, with the attributes an acquisition device fills in (`make_dataset`)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from models.synth.radiograph import SyntheticRadiograph
 
 GENERATOR_NAME = "cxrnode.models.synth"
 GENERATOR_VERSION = "1.0.0"
+"""In Software Versions and dataset.json; the name also seeds the UIDs, so changing it changes every file."""
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_IMAGE_STORAGE_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 SOP_CLASS_FOR_MODALITY = MappingProxyType({"CR": CR_IMAGE_STORAGE, "DX": DX_IMAGE_STORAGE_FOR_PRESENTATION})
+
 _VIEW_CODES = MappingProxyType(
     {"PA": ("272479007", "SCT", "postero-anterior"), "AP": ("399348003", "SCT", "antero-posterior")}
 )
