@@ -6,6 +6,11 @@
     DATASET/stage_2_train_images/<patientId>.dcm
     DATASET/lung_masks/<patientId>.png       optional: both lungs, 0/255 (synthetic sets have them)
     DATASET/severity.csv                     optional: patientId,severity_right,severity_left,severity_total,...
+    DATASET/opacity_masks/<patientId>.png    synthetic sets: the union of the opacities, 0/255
+    DATASET/dataset.json                     synthetic sets: generator, seed, size range, counts
+
+The classes of the detailed class info file are "Lung Opacity" for each box row and, for an image without one,
+"Normal" or "No Lung Opacity / Not Normal".
 
 Boxes become instance masks as the ellipse inscribed in the box, not the filled box: opacities are rounded, a box
 overstates an ellipse's area by 4/π (27 %), and the severity percentage is computed from the masks. The box is
@@ -30,9 +35,20 @@ LABELS = "stage_2_train_labels.csv"
 CLASS_INFO = "stage_2_detailed_class_info.csv"
 IMAGES = "stage_2_train_images"
 LUNG_MASKS = "lung_masks"
+OPACITY_MASKS = "opacity_masks"
 SEVERITY = "severity.csv"
+DATASET_INFO = "dataset.json"
 LABEL_COLUMNS = ["patientId", "x", "y", "width", "height", "Target"]
+CLASS_INFO_COLUMNS = ["patientId", "class"]
 SEVERITY_COLUMNS = ["patientId", "severity_right", "severity_left", "severity_total"]
+"""The severity columns `read_severity` needs."""
+EXTENT_COLUMNS = ["extent_right", "extent_left", "extent_total"]
+"""The columns `cxrnode synth` writes after SEVERITY_COLUMNS: models.severity.lung_involvement's extent per lung."""
+CLASS_OPACITY = "Lung Opacity"
+CLASS_NORMAL = "Normal"
+CLASS_NOT_NORMAL = "No Lung Opacity / Not Normal"
+IMAGE_SIZE = 1024
+"""The RSNA challenge images (and so the boxes in its label file) are 1024 x 1024 pixels."""
 
 Box = tuple[float, float, float, float]
 """(x, y, width, height) in pixels, as in the label file."""
@@ -59,6 +75,14 @@ def _number(text: str, path: Path, line: int, column: str) -> float:
     if not math.isfinite(value):
         raise DatasetError(f"{path}:{line}: {column} {text!r} is not a finite number")
     return value
+
+
+def label_row(patient_id: str, box: Box | None) -> list[str]:
+    """One row of the label file: a box with Target 1, or (None) an image's one Target 0 row with an empty box.
+    Coordinates are written as Kaggle writes them (264.0)."""
+    if box is None:
+        return [patient_id, "", "", "", "", "0"]
+    return [patient_id, *(repr(float(value)) for value in box), "1"]
 
 
 def read_labels(path: Path) -> dict[str, tuple[Box, ...]]:
