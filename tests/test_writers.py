@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from conftest import REAL_CXR
 from dicom_validation import assert_valid_dicom, dciodvfy_available, dciodvfy_report
 from models.finding import Finding, Opacity, Thresholds
 from models.severity import lung_involvement
@@ -33,7 +34,7 @@ DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 SC = "1.2.840.10008.5.1.4.1.1.7"
 
-REAL_CXR_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real-cxr" / "dicom"
+REAL_CXR_DIR = REAL_CXR / "dicom"
 REAL_CXR_FILES = sorted(REAL_CXR_DIR.glob("*.dcm")) if REAL_CXR_DIR.is_dir() else []
 
 MODEL_VERSION = "maskrcnn-r50-test-0123abcd"
