@@ -196,6 +196,7 @@ def measurement_report(
         content_time=content_datetime.time(),
         coding_schemes=[codes.cxrnode_coding_scheme()],
     )
+    document.DeviceSerialNumber = uids.device_serial_number(software_version, model_version)
     pin_clock_values(document, content_datetime)
     return document
 
