@@ -84,20 +84,30 @@ def source_digest(source: Dataset) -> str:
             f"Source {source.get('SOPInstanceUID', '(no SOP Instance UID)')} has no Pixel Data; result UIDs are "
             "derived from a digest of it (read the file with its pixel data)."
         )
-    header = Dataset()
-    for element in source:
-        if element.keyword not in _PIXEL_DATA_KEYWORDS:
-            header.add(element)
-    buffer = DicomFileLike(BytesIO())
-    buffer.is_little_endian = True
-    buffer.is_implicit_VR = False
-    write_dataset(buffer, header)
-    digest = hashlib.sha256(buffer.parent.getvalue())  # type: ignore[attr-defined]
+    digest = hashlib.sha256(_header_bytes(source))
     for keyword in pixels:
         value = source[keyword].value
         digest.update(keyword.encode())
         digest.update(value if isinstance(value, bytes) else bytes(value))
     return digest.hexdigest()
+
+
+def _header_bytes(source: Dataset) -> bytes:
+    """`source`'s data elements but pixel data, encoded in Explicit VR Little Endian; an element pydicom cannot
+    encode (a value invalid for its VR in a hostile file) is taken as its tag, VR and value's repr instead."""
+    buffer = DicomFileLike(BytesIO())
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = False
+    for element in source:
+        if element.keyword in _PIXEL_DATA_KEYWORDS:
+            continue
+        single = Dataset()
+        single.add(element)
+        try:
+            write_dataset(buffer, single)
+        except Exception:  # pydicom raises many kinds for values it cannot encode
+            buffer.write(f"{element.tag}{element.VR}{element.value!r}".encode("utf-8", "replace"))
+    return bytes(buffer.parent.getvalue())  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
