@@ -24,7 +24,6 @@ from dicom_validation import assert_valid_dicom, dciodvfy_available, dciodvfy_re
 from models.finding import Finding, Opacity, Thresholds
 from models.severity import lung_involvement
 from node.writers import SourceImageError, cxrnode_version, pixel_spacing_mm, source_header, uids
-from node.writers.gsps import presentation_state
 from node.writers.seg import segmentation
 from node.writers.sr import measurement_report
 from result_checks import check_report, check_segmentation
@@ -488,105 +487,6 @@ def test_report_refuses_a_box_outside_the_image() -> None:
     outside = replace(finding.opacities[0], box=(10.0, 10.0, 500.0, 20.0))
     with pytest.raises(ValueError, match="box"):
         measurement_report(source, replace(finding, opacities=(outside,)), None)
-
-
-# --- UIDs ---------------------------------------------------------------------------------------------------------
-
-
-def test_uids_are_deterministic_distinct_and_valid() -> None:
-    source = make_source(CR)
-    finding = make_finding((int(source.Rows), int(source.Columns)), 1)
-    key = uids.result_key(source, finding, "1.0")
-    a = key.instance_uid("seg")
-    assert a == uids.result_key(source, finding, "1.0").instance_uid("seg")
-    others = {
-        key.instance_uid("sr"),
-        key.instance_uid("seg", "option"),
-        key.series_uid("seg"),
-        key.tracking_uid("seg"),
-        uids.result_key(source, finding, "1.1").instance_uid("seg"),
-        uids.result_key(source, replace(finding, model_version="v2"), "1.0").instance_uid("seg"),
-        uids.result_key(source, finding, "1.0", {"option": 1}).instance_uid("seg"),
-        uids.device_observer_uid("v1"),
-    }
-    assert a not in others and len(others) == 8
-    for uid in (a, *others):
-        assert UID(uid).is_valid and uid.startswith("2.25.") and len(uid) <= 64
-
-
-def test_uid_inputs_cannot_run_together() -> None:
-    source = make_source(CR)
-    key = uids.result_key(source, make_finding((int(source.Rows), int(source.Columns)), 1), "1.0")
-    assert key.instance_uid("ab", "c") != key.instance_uid("a", "bc")
-
-
-@pytest.mark.parametrize("empty", ["", "   "])
-def test_uid_inputs_may_not_be_empty(empty: str) -> None:
-    source = make_source(CR)
-    finding = make_finding((int(source.Rows), int(source.Columns)), 1)
-    with pytest.raises(ValueError, match='Argument "model_version" may not be empty'):
-        uids.result_key(source, replace(finding, model_version=empty), "1.0")
-    with pytest.raises(ValueError, match='Argument "kind" may not be empty'):
-        uids.result_key(source, finding, "1.0").instance_uid(empty)
-
-
-def test_a_source_without_pixel_data_gets_no_uids() -> None:
-    source = make_source(CR)
-    del source.PixelData
-    with pytest.raises(ValueError, match="no Pixel Data; result UIDs are derived from a digest of it"):
-        segmentation(source, make_finding((int(source.Rows), int(source.Columns)), 1))
-
-
-def _uids_of(source: Dataset, finding: Finding) -> dict[str, tuple[str, str]]:
-    seg = segmentation(source, finding, content_datetime=CONTENT_DATETIME)
-    sr = measurement_report(source, finding, seg, content_datetime=CONTENT_DATETIME)
-    gsps = presentation_state(source, finding, content_datetime=CONTENT_DATETIME)
-    return {kind: (ds.SOPInstanceUID, ds.SeriesInstanceUID) for kind, ds in (("seg", seg), ("sr", sr), ("gsps", gsps))}
-
-
-def test_same_file_twice_gives_the_same_uids(tmp_path: Path) -> None:
-    source = make_source(DX_PRESENTATION)
-    path = write(source, tmp_path / "source.dcm")
-    finding = make_finding((int(source.Rows), int(source.Columns)), 2)
-    first = _uids_of(pydicom.dcmread(path), finding)
-    second = _uids_of(pydicom.dcmread(path), finding)
-    assert first == second
-    # The clock is not part of the key: a re-send at another time keeps the UIDs.
-    later = segmentation(pydicom.dcmread(path), finding, content_datetime=datetime.datetime(2030, 1, 1))
-    assert later.SOPInstanceUID == first["seg"][0]
-
-
-def test_other_pixels_under_the_same_sop_instance_uid_give_other_objects() -> None:
-    source = make_source(DX_PRESENTATION)
-    other = make_source(DX_PRESENTATION)
-    pixels = bytearray(other.PixelData)
-    pixels[0] ^= 0x01  # one bit of one pixel
-    other.PixelData = bytes(pixels)
-    assert other.SOPInstanceUID == source.SOPInstanceUID
-    finding = make_finding((int(source.Rows), int(source.Columns)), 2)
-    before, after = _uids_of(source, finding), _uids_of(other, finding)
-    for kind in ("seg", "sr", "gsps"):
-        assert before[kind][0] != after[kind][0], kind  # SOP Instance UID
-        assert before[kind][1] == after[kind][1], kind  # same study and settings: the same series
-    assert len({uid for uid, _ in after.values()}) == 3
-
-
-def test_other_header_thresholds_or_options_give_other_objects() -> None:
-    source = make_source(CR)
-    finding = make_finding((int(source.Rows), int(source.Columns)), 1)
-    base = _uids_of(source, finding)
-    renamed = make_source(CR)
-    renamed.PatientID = "P-0002"  # a corrected header: the results copy it
-    assert _uids_of(renamed, finding)["seg"][0] != base["seg"][0]
-    stricter = replace(finding, thresholds=replace(finding.thresholds, score=0.7))
-    changed = _uids_of(source, stricter)
-    for kind in ("seg", "sr", "gsps"):
-        assert changed[kind][0] != base[kind][0] and changed[kind][1] != base[kind][1], kind
-    seg = segmentation(source, finding, content_datetime=CONTENT_DATETIME)
-    plain = measurement_report(source, finding, seg)
-    noted = measurement_report(source, finding, seg, orientation_note="Orientation assumed.")
-    alone = measurement_report(source, finding, None)
-    assert len({plain.SOPInstanceUID, noted.SOPInstanceUID, alone.SOPInstanceUID}) == 3
 
 
 def test_dciodvfy_report_parses_errors_and_warnings(tmp_path: Path) -> None:

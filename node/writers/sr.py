@@ -78,11 +78,7 @@ DEFAULT_SERIES_NUMBER = 7702
 PRECISION_DECIMALS = 2
 """Decimal places of every number in the SR (percent and mm2)."""
 
-_Group = (
-    hd.sr.MeasurementsAndQualitativeEvaluations
-    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-)
+_Group = hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 
 
 def measurement_report(
