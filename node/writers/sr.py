@@ -9,7 +9,7 @@ Imaging Measurement Report (TID 1500)
   chest X-ray itself is the source image's study)
 - Imaging Measurements [row 6]
   - Algorithm Identification (TID 4019) [row 6b]: name, version (the model version), parameters (the thresholds),
-    once for every group below: one algorithm made them all
+    family DCM 123110 "Artificial Intelligence", once for every group below: one algorithm made them all
   - with a SEG: one Planar ROI group (TID 1410) per SEG segment, the empty opacity segment of a negative image
     included, each referencing its frame of the SEG (Referenced Segmentation Frame [row 7]) and the source image
     (Source image for segmentation [row 8]) and carrying the segment's Tracking ID and UID:
@@ -125,6 +125,7 @@ def measurement_report(
     algorithm = hd.sr.AlgorithmIdentification(
         name=algorithm_name,
         version=model_version,
+        family=codes.ARTIFICIAL_INTELLIGENCE,
         parameters=[
             f"score_threshold={finding.thresholds.score:g}",
             f"mask_threshold={finding.thresholds.mask:g}",
