@@ -2,8 +2,9 @@
 
     data_dir/results/<Study Instance UID>/<kind>-<SOP Instance UID>.dcm
 
-UIDs are deterministic (node.writers.uids), so writing the same job twice — after a crash, or a resend — produces
-the same objects under the same names.
+UIDs are content-true and deterministic (node.writers.uids): writing the same job twice — after a crash, or a
+resend — produces the same objects under the same names, and another image under the same SOP Instance UID, or other
+thresholds or options, produces objects under other UIDs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from models import Finding
 from node.faults import crash_point
 from node.queue import ResultObject
 from node.spool import Spool
+from node.writers import cxrnode_version, uids
 from node.writers.gsps import presentation_state
 from node.writers.sc import burned_in_capture
 from node.writers.seg import segmentation
@@ -62,23 +64,31 @@ def build_results(
 ) -> list[tuple[str, Dataset]]:
     """(kind, dataset) for each requested object, SEG first so that the SR can reference it. The burned-in SC needs
     the source's presentation `pixels` (on the stored grid, as `finding` is). `orientation_note` (from
-    `node.orientation.Orientation.note`) says the standard display was assumed; the SR carries it."""
+    `node.orientation.Orientation.note`), when the image had no usable Patient Orientation and the standard display
+    was assumed, is said in the SR.
+
+    One `node.writers.uids.ResultKey` (a digest of `source`, pixel data included) is computed for all objects, so
+    `source` must be read with its pixel data."""
     unknown = set(objects) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown result object(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    key = uids.result_key(source, finding, cxrnode_version())
     built: list[tuple[str, Dataset]] = []
     seg = None
     if "SEG" in objects:
-        seg = segmentation(source, finding, content_datetime=content_datetime)
+        seg = segmentation(source, finding, content_datetime=content_datetime, key=key)
         built.append(("SEG", seg))
     if "SR" in objects:
-        built.append(("SR", measurement_report(source, finding, seg, content_datetime=content_datetime)))
+        report = measurement_report(
+            source, finding, seg, content_datetime=content_datetime, orientation_note=orientation_note, key=key
+        )
+        built.append(("SR", report))
     if "GSPS" in objects:
-        built.append(("GSPS", presentation_state(source, finding, content_datetime=content_datetime)))
+        built.append(("GSPS", presentation_state(source, finding, content_datetime=content_datetime, key=key)))
     if "SC" in objects:
         if pixels is None:
             raise ValueError("the burned-in SC needs the image's pixels")
-        built.append(("SC", burned_in_capture(source, pixels, finding, content_datetime=content_datetime)))
+        built.append(("SC", burned_in_capture(source, pixels, finding, content_datetime=content_datetime, key=key)))
     return built
 
 
@@ -91,6 +101,7 @@ def write_results(
     pixels: np.ndarray | None = None,
     orientation_note: str | None = None,
 ) -> list[ResultObject]:
+    """Build the results (`build_results`) and store each durably in `spool`, in order."""
     results = []
     for kind, ds in build_results(source, finding, objects, content_datetime, pixels, orientation_note):
         path = spool.result_path(str(source.StudyInstanceUID), kind, str(ds.SOPInstanceUID))

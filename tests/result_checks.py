@@ -13,7 +13,7 @@ from models.finding import Finding
 from node.writers import codes as writer_codes
 from node.writers import uids
 from node.writers.seg import LEFT_LUNG_SEGMENT, OPACITY_SEGMENT, RIGHT_LUNG_SEGMENT
-from node.writers.sr import box_polyline
+from node.writers.sr import PRECISION_DECIMALS, box_polyline
 
 
 def check_segmentation(source: Dataset, finding: Finding, seg: hd.seg.Segmentation, model_version: str) -> None:
@@ -50,24 +50,47 @@ def measurement_value(group, name, laterality=None) -> float | None:
     return None if not matches else float(matches[0].value)
 
 
+def opacity_present(sr: hd.sr.EnhancedSR) -> bool:
+    """The report's Opacity = Yes / No, from its Qualitative Evaluations container (TID 1500 row 12)."""
+    (container,) = [
+        item
+        for item in sr.ContentSequence
+        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+    ]
+    (present,) = [item for item in container.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "112001"]
+    return present.ConceptCodeSequence[0].CodeValue == writer_codes.YES.value
+
+
+def image_level_group(sr: hd.sr.EnhancedSR):
+    """The group with the image-level numbers: the SEG's opacity segment's group, else the TID 1501 group."""
+    report = sr.content
+    by_segment = report.get_planar_roi_measurement_groups(reference_type=pydicom_codes.DCM.ReferencedSegmentationFrame)
+    if by_segment:
+        (group,) = [g for g in by_segment if g.tracking_identifier == "Lung opacity"]
+        return group
+    (group,) = report.get_image_measurement_groups()
+    return group
+
+
 def check_report(
-    source: Dataset, finding: Finding, seg: Dataset, sr: hd.sr.EnhancedSR, spacing, model_version: str
+    source: Dataset, finding: Finding, seg: Dataset | None, sr: hd.sr.EnhancedSR, spacing, model_version: str
 ) -> None:
+    """`sr` says what `finding` says, numbers to the SR's stated precision (`PRECISION_DECIMALS`)."""
+    tolerance = 0.5 * 10**-PRECISION_DECIMALS + 1e-9
     report = sr.content
     evidence = {uid for _, _, uid, _ in sr.get_evidence(current_procedure_only=True)}
-    assert evidence == {source.SOPInstanceUID, seg.SOPInstanceUID}
+    assert evidence == {source.SOPInstanceUID} | ({seg.SOPInstanceUID} if seg is not None else set())
 
     (observer,) = report.get_observer_contexts(observer_type=pydicom_codes.DCM.Device)
     device = observer.observer_identifying_attributes
     assert device.uid == uids.device_observer_uid(model_version)
     assert device.name == "cxrnode" and device.model_name == model_version
+    assert opacity_present(sr) == finding.opacity_present
 
-    (image_group,) = report.get_image_measurement_groups()
+    image_group = image_level_group(sr)
     assert image_group.finding_type == writer_codes.OPACITY
-    (present,) = [q for q in image_group.get_qualitative_evaluations() if q.name == writer_codes.OPACITY]
-    assert present.value == (writer_codes.YES if finding.opacity_present else writer_codes.NO)
     assert measurement_value(image_group, writer_codes.CERTAINTY_OF_FINDING) == pytest.approx(
-        100 * finding.opacity_probability
+        100 * finding.opacity_probability, abs=tolerance
     )
     sides = (
         (writer_codes.RIGHT, finding.severity.right, finding.extent.right),
@@ -75,14 +98,13 @@ def check_report(
         (writer_codes.BILATERAL, finding.severity.total, finding.extent.total),
     )
     for laterality, percent, score in sides:
-        assert measurement_value(image_group, writer_codes.EXTENT, laterality) == pytest.approx(percent, abs=1e-9)
+        assert measurement_value(image_group, writer_codes.EXTENT, laterality) == pytest.approx(percent, abs=tolerance)
         assert measurement_value(image_group, writer_codes.GEOGRAPHIC_EXTENT_SCORE, laterality) == score
 
-    planar = report.get_planar_roi_measurement_groups()
-    assert len(planar) == len(finding.opacities)
-    for number, (group, opacity) in enumerate(zip(planar, finding.opacities, strict=True), start=1):
+    boxes = report.get_planar_roi_measurement_groups(reference_type=pydicom_codes.DCM.ImageRegion)
+    assert len(boxes) == len(finding.opacities)
+    for number, (group, opacity) in enumerate(zip(boxes, finding.opacities, strict=True), start=1):
         assert group.tracking_identifier == f"Lung opacity {number}"
-        assert group.tracking_uid == uids.tracking_uid(source.SOPInstanceUID, model_version, f"sr/opacity-{number}")
         assert group.finding_type == writer_codes.OPACITY
         region = group.roi
         assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
@@ -91,33 +113,46 @@ def check_report(
         image = region.ContentSequence[0].ReferencedSOPSequence[0]  # SELECTED FROM: the source image
         assert image.ReferencedSOPInstanceUID == source.SOPInstanceUID
         assert image.ReferencedSOPClassUID == source.SOPClassUID
-        assert measurement_value(group, writer_codes.CERTAINTY_OF_FINDING) == pytest.approx(100 * opacity.score)
+        assert measurement_value(group, writer_codes.CERTAINTY_OF_FINDING) == pytest.approx(
+            100 * opacity.score, abs=tolerance
+        )
         area = measurement_value(group, writer_codes.AREA)
         if spacing is None:
             assert area is None
         else:
             x0, y0, x1, y1 = opacity.box
-            assert area == pytest.approx((x1 - x0) * (y1 - y0) * spacing[0] * spacing[1])
+            assert area == pytest.approx((x1 - x0) * (y1 - y0) * spacing[0] * spacing[1], abs=tolerance)
 
-    volumetric = report.get_volumetric_roi_measurement_groups()
+    segments = report.get_planar_roi_measurement_groups(reference_type=pydicom_codes.DCM.ReferencedSegmentationFrame)
+    if seg is None:
+        assert segments == []
+        return
     masks = {
         OPACITY_SEGMENT: finding.opacity_mask,
         RIGHT_LUNG_SEGMENT: finding.right_lung,
         LEFT_LUNG_SEGMENT: finding.left_lung,
     }
-    expected_segments = [number for number, mask in masks.items() if mask.any()]
-    assert [g.referenced_segment.referenced_segment_numbers[0] for g in volumetric] == expected_segments
-    seg_tracking = {int(s.SegmentNumber): s.TrackingUID for s in seg.SegmentSequence}
-    for group in volumetric:
-        reference = group.referenced_segment
-        number = reference.referenced_segment_numbers[0]
-        assert reference.referenced_sop_instance_uid == seg.SOPInstanceUID
-        assert group.tracking_uid == seg_tracking[number]
+    seg_tracking = {int(s.SegmentNumber): (s.TrackingID, s.TrackingUID) for s in seg.SegmentSequence}
+    frames = {
+        int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber): index
+        for index, item in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1)
+    }
+    # One group per segment, the empty opacity segment of a negative image included.
+    assert len(segments) == len(seg.SegmentSequence) == 3
+    for group in segments:
+        (number,) = [n for n, (label, _) in seg_tracking.items() if label == group.tracking_identifier]
+        assert group.tracking_uid == seg_tracking[number][1]
+        reference = group.referenced_segmentation_frame
+        frame_item = reference[0].ReferencedSOPSequence[0]
+        assert frame_item.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert [int(f) for f in np.atleast_1d(frame_item.ReferencedFrameNumber)] == [frames[number]]
+        assert "ReferencedSegmentNumber" not in frame_item  # the frame is the reference (PS3.3 Table 10-3)
+        assert reference[1].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
         area = measurement_value(group, writer_codes.AREA)
         if spacing is None:
             assert area is None
         else:
-            assert area == pytest.approx(masks[number].sum() * spacing[0] * spacing[1])
+            assert area == pytest.approx(masks[number].sum() * spacing[0] * spacing[1], abs=tolerance)
 
 
 def check_close(source: Dataset, finding: Finding, seg: hd.seg.Segmentation, sr: hd.sr.EnhancedSR) -> None:
@@ -131,11 +166,11 @@ def check_close(source: Dataset, finding: Finding, seg: hd.seg.Segmentation, sr:
         differing = int(np.count_nonzero(pixels[:, :, index].astype(bool) != mask))
         assert differing <= max(10, 0.001 * mask.sum()), f"segment {index + 1}: {differing} pixels differ"
     report = sr.content
-    planar = report.get_planar_roi_measurement_groups()
+    planar = report.get_planar_roi_measurement_groups(reference_type=pydicom_codes.DCM.ImageRegion)
     boxes = np.array([g.roi.value[[0, 2]].reshape(-1) for g in planar], dtype=np.float64).reshape(-1, 4)
     assert boxes.shape == finding.boxes.shape
     np.testing.assert_allclose(boxes, finding.boxes, atol=0.01)
-    (image_group,) = report.get_image_measurement_groups()
+    image_group = image_level_group(sr)
     for laterality, percent, score in (
         (writer_codes.RIGHT, finding.severity.right, finding.extent.right),
         (writer_codes.LEFT, finding.severity.left, finding.extent.left),

@@ -1,5 +1,6 @@
 """docs/conformance.md lists exactly the SOP classes and transfer syntaxes the SCP accepts and the SCU proposes —
-checked against real associations, not only against our own tables."""
+checked against real associations, not only against our own tables — and its AI Results (IHE AIR) table says only
+what the objects the node writes carry."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -151,3 +153,94 @@ def test_scu_proposes_exactly_the_documented_contexts(tmp_path: Path) -> None:
 )
 def test_tables_are_not_empty(marker: str) -> None:
     assert table(marker)
+
+
+# --- AI Results (IHE AIR) ------------------------------------------------------------------------------------------
+
+COPIED_EXACTLY = "copied exactly"
+
+
+def air_rows() -> list[tuple[str, list[str], list[str]]]:
+    """(what, object kinds, checks) per row of the air-items table."""
+    match = re.search(r"<!-- air-items[^>]*-->(.*?)<!-- end air-items -->", DOC, re.S)
+    assert match, "docs/conformance.md has no air-items table"
+    rows = []
+    for line in match.group(1).strip().splitlines()[2:]:  # after the header and the |---| line
+        what, kinds, where = (cell.strip() for cell in line.strip().strip("|").split("|"))
+        rows.append((what, [k.strip() for k in kinds.split(",")], re.findall(r"`([^`]+)`", where)))
+    return rows
+
+
+def content_concepts(dataset: Dataset) -> set[str]:
+    """ "SCHEME VALUE" of every content item's concept name in an SR tree."""
+    found = set()
+    for item in dataset.get("ContentSequence", []):
+        name = item.ConceptNameCodeSequence[0]
+        found.add(f"{name.CodingSchemeDesignator} {name.CodeValue}")
+        found |= content_concepts(item)
+    return found
+
+
+def values_at(dataset: Dataset, path: str) -> list[object]:
+    """The non-empty values of the attribute at keyword path `A/B/C` (B in any item of A, ...)."""
+    keyword, _, rest = path.partition("/")
+    if keyword not in dataset:
+        return []
+    value = dataset[keyword].value
+    if not rest:
+        return [] if value in (None, "") or (hasattr(value, "__len__") and len(value) == 0) else [value]
+    return [found for item in value for found in values_at(item, rest)]
+
+
+@pytest.fixture(scope="module")
+def air_objects() -> tuple[Dataset, dict[str, Dataset]]:
+    rng = np.random.default_rng(5)
+    radiograph = make_radiograph(rng, 256, 256, positive=True)
+    source = make_dataset(radiograph, patient_id="air", modality="DX", rng=rng)
+    # Every identity attribute non-empty, so that "copied exactly" is tested on real values.
+    source.AccessionNumber = "ACC-AIR"
+    source.ReferringPhysicianName = "Referrer^Ann"
+    source.StudyID = "STUDY-7"
+    source.PatientBirthDate = "19500101"
+    source.PatientSex = "O"
+    finding = _finding((256, 256))
+    pixels = radiograph.pixels.astype(np.float32)
+    built = build_results(source, finding, KINDS, datetime.datetime(2025, 1, 1), pixels, orientation_note="assumed")
+    return source, dict(built)
+
+
+def test_air_table_is_what_the_objects_carry(air_objects: tuple[Dataset, dict[str, Dataset]]) -> None:
+    source, objects = air_objects
+    rows = air_rows()
+    assert {kind for _, kinds, _ in rows for kind in kinds} == set(KINDS)
+    for what, kinds, checks in rows:
+        assert checks, what
+        for kind in kinds:
+            ds = objects[kind]
+            for check in checks:
+                code = re.fullmatch(r"(DCM|SCT|UMLS) (\S+)", check)
+                if code:
+                    assert kind == "SR", f"{what}: {check} is an SR content item"
+                    assert f"{code.group(1)} {code.group(2)}" in content_concepts(ds), f"{what}: {kind} lacks {check}"
+                    continue
+                assert values_at(ds, check), f"{what}: {kind} has no {check}"
+                if COPIED_EXACTLY in what:
+                    assert ds[check].value == source[check].value, f"{kind} {check} is not the source's"
+                    assert source[check].value not in (None, ""), f"the test source needs a {check}"
+    for kind, ds in objects.items():
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID, kind  # a series of its own
+
+
+def test_air_identity_rows_cover_the_patient_and_study_modules(air_objects) -> None:
+    """The identity rows name every Patient and General Study attribute the source has (all are copied)."""
+    source, _ = air_objects
+    documented = {check for what, _, checks in air_rows() if COPIED_EXACTLY in what for check in checks}
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "AccessionNumber",
+    ):
+        assert keyword in documented and keyword in source

@@ -19,10 +19,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from conftest import REAL_CXR
 from dicom_validation import assert_valid_dicom, dciodvfy_available, dciodvfy_report
 from models.finding import Finding, Opacity, Thresholds
 from models.severity import lung_involvement
-from node.writers import SourceImageError, pixel_spacing_mm, source_header, uids
+from node.writers import SourceImageError, cxrnode_version, pixel_spacing_mm, source_header, uids
 from node.writers.seg import segmentation
 from node.writers.sr import measurement_report
 from result_checks import check_report, check_segmentation
@@ -32,7 +33,7 @@ DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 SC = "1.2.840.10008.5.1.4.1.1.7"
 
-REAL_CXR_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real-cxr" / "dicom"
+REAL_CXR_DIR = REAL_CXR / "dicom"
 REAL_CXR_FILES = sorted(REAL_CXR_DIR.glob("*.dcm")) if REAL_CXR_DIR.is_dir() else []
 
 MODEL_VERSION = "maskrcnn-r50-test-0123abcd"
@@ -256,19 +257,21 @@ def check_results(source: Dataset, finding: Finding, seg_path: Path, sr_path: Pa
     """The content checks first, dciodvfy last: where dciodvfy is missing (a skip) the content is still checked."""
     seg = hd.seg.segread(seg_path)
     sr = hd.sr.srread(sr_path)
-    check_identity(source, seg, sr)
+    check_identity(source, finding, seg, sr)
     check_segmentation(source, finding, seg, MODEL_VERSION)
     check_report(source, finding, seg, sr, spacing, MODEL_VERSION)
     assert_valid_dicom(seg_path, allowed_warnings=ALLOWED_WARNINGS)
     assert_valid_dicom(sr_path, allowed_warnings=ALLOWED_WARNINGS)
 
 
-def check_identity(source: Dataset, seg: Dataset, sr: Dataset) -> None:
-    source_uid = source.SOPInstanceUID
-    assert seg.SOPInstanceUID == uids.result_uid(source_uid, MODEL_VERSION, "seg")
-    assert sr.SOPInstanceUID == uids.result_uid(source_uid, MODEL_VERSION, "sr")
-    assert seg.SeriesInstanceUID == uids.result_series_uid(source.StudyInstanceUID, MODEL_VERSION, "seg")
-    assert sr.SeriesInstanceUID == uids.result_series_uid(source.StudyInstanceUID, MODEL_VERSION, "sr")
+def check_identity(source: Dataset, finding: Finding, seg: Dataset, sr: Dataset) -> None:
+    key = uids.result_key(source, finding, cxrnode_version())
+    for result in (seg, sr):
+        assert UID(result.SOPInstanceUID).is_valid and result.SOPInstanceUID.startswith("2.25.")
+    assert seg.SOPInstanceUID != sr.SOPInstanceUID
+    assert seg.SeriesInstanceUID == key.series_uid("seg")
+    assert sr.SeriesInstanceUID == key.series_uid("sr")
+    assert seg.DeviceSerialNumber == uids.device_serial_number(cxrnode_version(), MODEL_VERSION)
     assert seg.SeriesInstanceUID not in (source.SeriesInstanceUID, sr.SeriesInstanceUID)
     for result in (seg, sr):
         for keyword in (
@@ -310,9 +313,10 @@ def test_write_validate_reread_compare(case: Case, tmp_path: Path) -> None:
 @pytest.mark.skipif(not REAL_CXR_FILES, reason="shared/data/real-cxr/dicom is not available")
 @pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent the intended person name")
 @pytest.mark.parametrize("path", REAL_CXR_FILES, ids=[p.name for p in REAL_CXR_FILES])
-def test_real_source_without_decoding_pixels(path: Path, tmp_path: Path, caplog) -> None:
-    # Read without pixel data: the writers must not need it (the files are JPEG baseline).
-    source = pydicom.dcmread(path, stop_before_pixels=True)
+def test_real_source_without_decoding_pixels(path: Path, tmp_path: Path, caplog, monkeypatch) -> None:
+    # The writers hash the (JPEG baseline) pixel data for the UIDs but never decode it.
+    source = pydicom.dcmread(path)
+    monkeypatch.setattr(Dataset, "pixel_array", property(lambda ds: pytest.fail("the writers decoded pixel data")))
     finding = make_finding((int(source.Rows), int(source.Columns)), 2)
     with caplog.at_level(logging.WARNING, logger="node.writers"):
         seg_path, sr_path = write_results(source, finding, tmp_path)
@@ -485,35 +489,6 @@ def test_report_refuses_a_box_outside_the_image() -> None:
     outside = replace(finding.opacities[0], box=(10.0, 10.0, 500.0, 20.0))
     with pytest.raises(ValueError, match="box"):
         measurement_report(source, replace(finding, opacities=(outside,)), None)
-
-
-# --- UIDs ----------------------------------------------------------------------------------------------------------
-
-
-def test_uids_are_deterministic_distinct_and_valid() -> None:
-    a = uids.result_uid("1.2.3", "v1", "seg")
-    assert a == uids.result_uid("1.2.3", "v1", "seg")
-    others = {
-        uids.result_uid("1.2.4", "v1", "seg"),
-        uids.result_uid("1.2.3", "v2", "seg"),
-        uids.result_uid("1.2.3", "v1", "sr"),
-        uids.result_series_uid("1.2.3", "v1", "seg"),
-        uids.tracking_uid("1.2.3", "v1", "seg"),
-        uids.device_observer_uid("v1"),
-    }
-    assert a not in others and len(others) == 6
-    for uid in (a, *others):
-        assert UID(uid).is_valid and uid.startswith("2.25.") and len(uid) <= 64
-
-
-def test_uid_inputs_cannot_run_together() -> None:
-    assert uids.result_uid("1.2.3", "ab", "c") != uids.result_uid("1.2.3", "a", "bc")
-
-
-@pytest.mark.parametrize("empty", ["", "   "])
-def test_uid_inputs_may_not_be_empty(empty: str) -> None:
-    with pytest.raises(ValueError, match='Argument "model_version" may not be empty'):
-        uids.result_uid("1.2.3", empty, "seg")
 
 
 def test_dciodvfy_report_parses_errors_and_warnings(tmp_path: Path) -> None:

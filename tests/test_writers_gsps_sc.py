@@ -18,13 +18,14 @@ import pydicom
 import pytest
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from scipy import ndimage
 
 from dicom_validation import assert_valid_dicom
 from models.finding import Finding
 from node.overlay import BOX_COLOUR
 from node.pixels import prepare
-from node.writers import SourceImageError, uids
+from node.writers import SourceImageError, cxrnode_version, uids
 from node.writers.gsps import (
     BOX_LAYER,
     LABEL_LAYER,
@@ -35,7 +36,7 @@ from node.writers.gsps import (
     presentation_state,
 )
 from node.writers.sc import burned_in_capture
-from node.writers.sr import box_polyline
+from node.writers.sr import box_polyline, opacity_tracking_uid
 from test_writers import (
     ALLOWED_WARNINGS,
     CR,
@@ -162,8 +163,9 @@ def check_presentation_state(
 ) -> Dataset:
     gsps = pydicom.dcmread(path)
     assert gsps.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1" and gsps.Modality == "PR"
-    assert gsps.SOPInstanceUID == uids.result_uid(source.SOPInstanceUID, finding.model_version, "gsps")
-    assert gsps.SeriesInstanceUID == uids.result_series_uid(source.StudyInstanceUID, finding.model_version, "gsps")
+    key = uids.result_key(source, finding, cxrnode_version())
+    assert gsps.SOPInstanceUID.startswith("2.25.") and UID(gsps.SOPInstanceUID).is_valid
+    assert gsps.SeriesInstanceUID == key.series_uid("gsps")
     for keyword in (
         "PatientName",
         "PatientID",
@@ -196,9 +198,7 @@ def check_presentation_state(
             np.reshape(box.GraphicData, (-1, 2)), box_polyline(opacity.box).astype(np.float32)
         )
         assert box.TrackingID == f"Lung opacity {number}"
-        assert box.TrackingUID == uids.tracking_uid(
-            source.SOPInstanceUID, finding.model_version, f"sr/opacity-{number}"
-        )
+        assert box.TrackingUID == opacity_tracking_uid(key, number)
 
     # One closed POLYLINE per 8-connected component of the opacity mask, every vertex on its edge.
     mask = finding.opacity_mask
@@ -293,7 +293,7 @@ def test_dcmtk_shows_the_image_through_the_gsps_as_without_it(case: Case, tmp_pa
 @pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent the intended person name")
 @pytest.mark.parametrize("path", REAL_CXR_FILES, ids=[p.name for p in REAL_CXR_FILES])
 def test_presentation_state_of_a_real_source(path: Path, tmp_path: Path) -> None:
-    source = pydicom.dcmread(path, stop_before_pixels=True)
+    source = pydicom.dcmread(path)  # with its (JPEG) pixel data: hashed for the UIDs, never decoded
     finding = make_finding(shape_of(source), 3)
     gsps = presentation_state(source, finding, content_datetime=CONTENT_DATETIME)
     # 8-bit, no window: the full range 0-255.
@@ -318,6 +318,7 @@ def test_presentation_state_of_a_sparse_source(tmp_path: Path) -> None:
         "BitsStored",
         "HighBit",
         "PixelRepresentation",
+        "PixelData",
     ):
         setattr(source, keyword, full[keyword].value)
     finding = make_finding(shape_of(source), 1)
@@ -423,8 +424,8 @@ def box_colour_at(picture: np.ndarray, column: float, row: float) -> bool:
 def check_capture(source: Dataset, finding: Finding, path: Path, scale: float) -> np.ndarray:
     sc = pydicom.dcmread(path)
     assert sc.SOPClassUID == SC
-    assert sc.SOPInstanceUID == uids.result_uid(source.SOPInstanceUID, finding.model_version, "sc")
-    assert sc.SeriesInstanceUID == uids.result_series_uid(source.StudyInstanceUID, finding.model_version, "sc")
+    assert sc.SOPInstanceUID.startswith("2.25.") and UID(sc.SOPInstanceUID).is_valid
+    assert sc.SeriesInstanceUID == uids.result_key(source, finding, cxrnode_version()).series_uid("sc")
     assert sc.SeriesInstanceUID != source.SeriesInstanceUID
     assert (sc.PatientID, sc.StudyInstanceUID) == (source.PatientID, source.StudyInstanceUID)
     assert sc.BurnedInAnnotation == "YES" and sc.ConversionType == "WSD"

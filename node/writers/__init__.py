@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import datetime
 import importlib.metadata
+import json
 import logging
 
 from pydicom import config as pydicom_config
@@ -25,6 +26,7 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName, validate_value
 
 from models.finding import Finding
+from node.writers import uids
 
 logger = logging.getLogger(__name__)
 
@@ -225,3 +227,30 @@ def pin_clock_values(dataset: Dataset, content_datetime: datetime.datetime) -> N
     for item in dataset.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item and item.get("ManufacturerModelName") == "highdicom":
             item.ContributionDateTime = content_datetime.strftime("%Y%m%d%H%M%S.%f")
+
+
+def result_key(
+    source: Dataset, finding: Finding, key: uids.ResultKey | None, software_version: str | None
+) -> uids.ResultKey:
+    """`key` when the caller gives one (`node.outputs` computes it once for all objects of an image), else the key of
+    `finding` on `source` without output options."""
+    if key is not None:
+        if key.source_sop_instance_uid != str(source.get("SOPInstanceUID", "")):
+            raise ValueError(
+                f'Argument "key" is for source {key.source_sop_instance_uid}, not for {source.get("SOPInstanceUID")}.'
+            )
+        return key
+    return uids.result_key(source, finding, software_version or cxrnode_version())
+
+
+def options_token(**options: object) -> str:
+    """The options of one writer call that change its object, as one canonical string for `ResultKey.instance_uid`."""
+    return json.dumps(options, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def body_part_examined(header: Dataset) -> str:
+    """Body Part Examined of a result series: the source's, else CHEST (cxrnode reads chest radiographs).
+
+    General Series Laterality is required for a paired body part; a result series that names its (unpaired) body
+    part needs none, where without one validators ask for a Laterality that no value would describe."""
+    return str(header.get("BodyPartExamined") or "").strip() or "CHEST"

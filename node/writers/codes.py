@@ -51,9 +51,20 @@ BILATERAL = codes.SCT.Bilateral
 ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence
 """DCM 123110 "Artificial Intelligence" (CID 7162 Surface Processing Algorithm Family): algorithm family."""
 
-PLAIN_CHEST_X_RAY = Code("399208008", "SCT", "Plain chest X-ray")
-"""SCT 399208008 "Plain X-ray of chest (procedure)": the TID 1500 Procedure Reported (CID 100 is extensible and has
-no projection-radiography entry)."""
+IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
+"""SCT 363679005 "Imaging procedure" (CID 100 Quantitative Diagnostic Imaging Procedure): the TID 1500 Procedure
+Reported. CID 100 has no projection-radiography entry; its general term is used rather than a code from outside the
+group (SCT 399208008 "Plain chest X-ray" was used before, and strict validators refuse it). What was imaged is the
+source study's own description."""
+
+# --- How it is written down -----------------------------------------------------------------------------------------
+
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+"""UMLS C0034375: the TID 1500 row 12 container of document-level evaluations."""
+
+COMMENT = codes.DCM.Comment
+"""DCM 121106 "Comment": a TEXT under Qualitative Evaluations (TID 1500 row 14), e.g. that the image orientation
+was assumed."""
 
 # --- What is reported about it -------------------------------------------------------------------------------------
 

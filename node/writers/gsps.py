@@ -42,10 +42,13 @@ from scipy import ndimage
 
 from models.finding import Finding
 from node.overlay import BOX_COLOUR, OPACITY_COLOUR
-from node.writers import (
+from node.writers import (  # noqa: F401 (body_part_examined: node.writers.sc takes it from here)
+    body_part_examined,
     check_finding,
     cxrnode_version,
+    options_token,
     pin_clock_values,
+    result_key,
     source_header,
     source_instance_number,
     uids,
@@ -55,7 +58,7 @@ from node.writers import sr as sr_writer
 logger = logging.getLogger(__name__)
 
 KIND = "gsps"
-"""The `kind` of the GSPS's UIDs (`uids.result_uid`, `uids.result_series_uid`)."""
+"""The `kind` of the GSPS's UIDs (`uids.ResultKey.instance_uid`, `uids.ResultKey.series_uid`)."""
 
 DEFAULT_SERIES_NUMBER = 7703
 """Series Number of cxrnode's GSPS series (one per study and model version)."""
@@ -102,18 +105,19 @@ def presentation_state(
     algorithm_name: str = "cxrnode",
     manufacturer: str = "cxrnode",
     software_version: str | None = None,
-    device_serial_number: str = "1",
+    device_serial_number: str | None = None,
     series_number: int = DEFAULT_SERIES_NUMBER,
     instance_number: int | None = None,
     series_description: str | None = None,
     content_datetime: datetime.datetime | None = None,
     window: tuple[float, float] | None = None,
     max_outline_points: int = MAX_OUTLINE_POINTS,
+    key: uids.ResultKey | None = None,
 ) -> hd.pr.GrayscaleSoftcopyPresentationState:
     """The GSPS that draws `finding` over `source` (a single-frame CR, DX or SC image; its pixel data is not read).
 
-    Identity: SOP Instance UID `uids.result_uid(source SOP Instance UID, model version, "gsps")`, in the series
-    `uids.result_series_uid(Study Instance UID, model version, "gsps")`; same patient and study as the source.
+    Identity: SOP Instance UID `key.instance_uid("gsps", options)`, in the series `key.series_uid("gsps")` (see
+    `node.writers.uids`; the options are this call's keyword arguments); same patient and study as the source.
     `instance_number` defaults to the source's Instance Number (else 1). `content_datetime` (default: now) becomes
     Presentation Creation Date/Time and every other date/time highdicom would take from the clock.
     `window` (center, width) replaces the source's VOI; without it the source's is used (see the module docstring).
@@ -131,21 +135,36 @@ def presentation_state(
     if content_datetime is None:
         content_datetime = datetime.datetime.now()
     model_version = finding.model_version
+    software_version = software_version or cxrnode_version()
+    key = result_key(source, finding, key, software_version)
+    sop_instance_uid = key.instance_uid(
+        KIND,
+        options_token(
+            algorithm_name=algorithm_name,
+            manufacturer=manufacturer,
+            device_serial_number=device_serial_number,
+            series_number=series_number,
+            instance_number=instance_number,
+            series_description=series_description,
+            window=window,
+            max_outline_points=max_outline_points,
+        ),
+    )
 
-    annotations = _annotations(header, finding, max_outline_points)
+    annotations = _annotations(header, key, finding, max_outline_points)
     used = {annotation.GraphicLayer for annotation in annotations}
     layers = [_layer(name) for name in _LAYERS if name in used]
 
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[header],
-        series_instance_uid=uids.result_series_uid(header.StudyInstanceUID, model_version, KIND),
+        series_instance_uid=key.series_uid(KIND),
         series_number=series_number,
-        sop_instance_uid=uids.result_uid(header.SOPInstanceUID, model_version, KIND),
+        sop_instance_uid=sop_instance_uid,
         instance_number=instance_number if instance_number is not None else source_instance_number(header),
         manufacturer=manufacturer,
         manufacturer_model_name=algorithm_name,
-        software_versions=software_version or cxrnode_version(),
-        device_serial_number=device_serial_number,
+        software_versions=software_version,
+        device_serial_number=device_serial_number or uids.device_serial_number(software_version, model_version),
         content_label=CONTENT_LABEL,
         content_description=_content_description(algorithm_name, model_version),
         graphic_annotations=annotations,
@@ -163,14 +182,6 @@ def presentation_state(
     gsps.PresentationCreationTime = content_datetime.strftime("%H%M%S.%f")
     pin_clock_values(gsps, content_datetime)
     return gsps
-
-
-def body_part_examined(header: Dataset) -> str:
-    """Body Part Examined of a result series: the source's, else CHEST (cxrnode reads chest radiographs).
-
-    General Series Laterality is required for a paired body part; a result series that names its (unpaired) body
-    part needs none, where without one validators ask for a Laterality that no value would describe."""
-    return str(header.get("BodyPartExamined") or "").strip() or "CHEST"
 
 
 def presentation_lut_shape(header: Dataset) -> str:
@@ -195,7 +206,9 @@ def presentation_pixel_aspect_ratio(header: Dataset) -> list[int]:
 # --- Annotations ---------------------------------------------------------------------------------------------------
 
 
-def _annotations(header: Dataset, finding: Finding, max_outline_points: int) -> list[hd.pr.GraphicAnnotation]:
+def _annotations(
+    header: Dataset, key: uids.ResultKey, finding: Finding, max_outline_points: int
+) -> list[hd.pr.GraphicAnnotation]:
     layers = {name: _layer(name) for name in _LAYERS}
     annotations = []
     outlines = [
@@ -217,11 +230,9 @@ def _annotations(header: Dataset, finding: Finding, max_outline_points: int) -> 
                 f"Opacity {number} box {opacity.box} is not a non-empty box inside the {rows}x{columns} image."
             )
         tracking = {
-            "tracking_id": f"Lung opacity {number}",
+            "tracking_id": sr_writer.opacity_tracking_identifier(number),
             # The SR's group of the same opacity carries this Tracking UID: a viewer can tie the two together.
-            "tracking_uid": uids.tracking_uid(
-                header.SOPInstanceUID, finding.model_version, f"{sr_writer.KIND}/opacity-{number}"
-            ),
+            "tracking_uid": sr_writer.opacity_tracking_uid(key, number),
         }
         boxes.append(
             hd.pr.GraphicObject(

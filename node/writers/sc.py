@@ -29,7 +29,9 @@ from node.overlay import render_overlay
 from node.writers import (
     check_finding,
     cxrnode_version,
+    options_token,
     pin_clock_values,
+    result_key,
     source_header,
     source_instance_number,
     uids,
@@ -39,7 +41,7 @@ from node.writers.gsps import body_part_examined
 logger = logging.getLogger(__name__)
 
 KIND = "sc"
-"""The `kind` of the SC's UIDs (`uids.result_uid`, `uids.result_series_uid`)."""
+"""The `kind` of the SC's UIDs (`uids.ResultKey.instance_uid`, `uids.ResultKey.series_uid`)."""
 
 DEFAULT_SERIES_NUMBER = 7704
 """Series Number of cxrnode's SC series (one per study and model version)."""
@@ -60,18 +62,19 @@ def burned_in_capture(
     algorithm_name: str = "cxrnode",
     manufacturer: str = "cxrnode",
     software_version: str | None = None,
-    device_serial_number: str = "1",
+    device_serial_number: str | None = None,
     series_number: int = DEFAULT_SERIES_NUMBER,
     instance_number: int | None = None,
     series_description: str | None = None,
     content_datetime: datetime.datetime | None = None,
     max_side: int = DEFAULT_MAX_SIDE,
+    key: uids.ResultKey | None = None,
 ) -> hd.sc.SCImage:
     """The RGB Secondary Capture of `finding` drawn over `pixels`, the source's presentation pixels (Modality and
     VOI LUT applied, MONOCHROME1 inverted: `node.pixels.prepare`), of the source's (Rows, Columns).
 
-    Identity: SOP Instance UID `uids.result_uid(source SOP Instance UID, model version, "sc")`, in the series
-    `uids.result_series_uid(Study Instance UID, model version, "sc")`; same patient and study as the source.
+    Identity: SOP Instance UID `key.instance_uid("sc", options)`, in the series `key.series_uid("sc")` (see
+    `node.writers.uids`; the options are this call's keyword arguments); same patient and study as the source.
     `content_datetime` (default: now) fixes every date/time, as for the SEG.
 
     Raises `node.writers.SourceImageError` for an unsupported source, ValueError when the finding or the pixels do
@@ -87,6 +90,20 @@ def burned_in_capture(
     if content_datetime is None:
         content_datetime = datetime.datetime.now()
     model_version = finding.model_version
+    software_version = software_version or cxrnode_version()
+    key = result_key(source, finding, key, software_version)
+    sop_instance_uid = key.instance_uid(
+        KIND,
+        options_token(
+            algorithm_name=algorithm_name,
+            manufacturer=manufacturer,
+            device_serial_number=device_serial_number,
+            series_number=series_number,
+            instance_number=instance_number,
+            series_description=series_description,
+            max_side=max_side,
+        ),
+    )
 
     picture = np.ascontiguousarray(np.asarray(render_overlay(pixels, finding, max_side=max_side).convert("RGB")))
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -95,16 +112,16 @@ def burned_in_capture(
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=uids.result_series_uid(header.StudyInstanceUID, model_version, KIND),
+        series_instance_uid=key.series_uid(KIND),
         series_number=series_number,
-        sop_instance_uid=uids.result_uid(header.SOPInstanceUID, model_version, KIND),
+        sop_instance_uid=sop_instance_uid,
         instance_number=instance_number if instance_number is not None else source_instance_number(header),
         manufacturer=manufacturer,
         patient_orientation=_PLACEHOLDER_ORIENTATION,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         manufacturer_model_name=algorithm_name,
-        software_versions=software_version or cxrnode_version(),
-        device_serial_number=device_serial_number,
+        software_versions=software_version,
+        device_serial_number=device_serial_number or uids.device_serial_number(software_version, model_version),
         series_description=series_description or f"{algorithm_name} lung opacity overlay - not for diagnosis",
         content_date=content_datetime.date(),
         content_time=content_datetime.time(),

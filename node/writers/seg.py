@@ -29,10 +29,13 @@ from pydicom.uid import UID
 
 from models.finding import Finding
 from node.writers import (
+    body_part_examined,
     check_finding,
     codes,
     cxrnode_version,
+    options_token,
     pin_clock_values,
+    result_key,
     source_header,
     source_instance_number,
     uids,
@@ -41,7 +44,7 @@ from node.writers import (
 logger = logging.getLogger(__name__)
 
 KIND = "seg"
-"""The `kind` of the SEG's UIDs (`uids.result_uid`, `uids.result_series_uid`)."""
+"""The `kind` of the SEG's UIDs (`uids.ResultKey.instance_uid`, `uids.ResultKey.series_uid`)."""
 
 DEFAULT_SERIES_NUMBER = 7701
 """Series Number of cxrnode's SEG series (one per study and model version)."""
@@ -63,16 +66,19 @@ def segmentation(
     algorithm_name: str = "cxrnode",
     manufacturer: str = "cxrnode",
     software_version: str | None = None,
-    device_serial_number: str = "1",
+    device_serial_number: str | None = None,
     series_number: int = DEFAULT_SERIES_NUMBER,
     instance_number: int | None = None,
     series_description: str | None = None,
     content_datetime: datetime.datetime | None = None,
+    key: uids.ResultKey | None = None,
 ) -> hd.seg.Segmentation:
     """The SEG of `finding` on `source` (a single-frame CR, DX or SC image; its pixel data is not read).
 
-    Identity: SOP Instance UID `uids.result_uid(source SOP Instance UID, model version, "seg")`, in the series
-    `uids.result_series_uid(Study Instance UID, model version, "seg")`; same patient and study as the source.
+    Identity: SOP Instance UID `key.instance_uid("seg", options)`, in the series `key.series_uid("seg")`, where `key`
+    (default: `uids.result_key` of `source` and `finding`) covers the source's content and the settings, and the
+    options are this call's keyword arguments; same patient and study as the source. Device Serial Number defaults
+    to `uids.device_serial_number` (the cxrnode build and model version).
     `instance_number` defaults to the source's Instance Number (else 1), so a study's SEGs sort like its images.
     `content_datetime` (default: now) becomes Content Date/Time and every other date/time highdicom would take from
     the clock: with it fixed, writing the same finding twice gives identical datasets.
@@ -84,7 +90,19 @@ def segmentation(
     if content_datetime is None:
         content_datetime = datetime.datetime.now()
     model_version = finding.model_version
-    sop_instance_uid = uids.result_uid(header.SOPInstanceUID, model_version, KIND)
+    software_version = software_version or cxrnode_version()
+    key = result_key(source, finding, key, software_version)
+    sop_instance_uid = key.instance_uid(
+        KIND,
+        options_token(
+            algorithm_name=algorithm_name,
+            manufacturer=manufacturer,
+            device_serial_number=device_serial_number,
+            series_number=series_number,
+            instance_number=instance_number,
+            series_description=series_description,
+        ),
+    )
 
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name,
@@ -101,8 +119,7 @@ def segmentation(
             codes.OPACITY,
             OPACITY_COLOUR_RGB,
             algorithm,
-            header,
-            model_version,
+            key,
             anatomic_regions=[codes.LUNG],
         ),
         _segment(
@@ -112,8 +129,7 @@ def segmentation(
             codes.RIGHT_LUNG,
             RIGHT_LUNG_COLOUR_RGB,
             algorithm,
-            header,
-            model_version,
+            key,
         ),
         _segment(
             LEFT_LUNG_SEGMENT,
@@ -122,8 +138,7 @@ def segmentation(
             codes.LEFT_LUNG,
             LEFT_LUNG_COLOUR_RGB,
             algorithm,
-            header,
-            model_version,
+            key,
         ),
     ]
     # Stacked-segments style: (frames, rows, columns, segments), segment n in [..., n - 1].
@@ -134,14 +149,14 @@ def segmentation(
         pixel_array=pixel_array.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=uids.result_series_uid(header.StudyInstanceUID, model_version, KIND),
+        series_instance_uid=key.series_uid(KIND),
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number if instance_number is not None else source_instance_number(header),
         manufacturer=manufacturer,
         manufacturer_model_name=algorithm_name,
-        software_versions=software_version or cxrnode_version(),
-        device_serial_number=device_serial_number,
+        software_versions=software_version,
+        device_serial_number=device_serial_number or uids.device_serial_number(software_version, model_version),
         omit_empty_frames=False,
         content_label="LUNG_OPACITY",
         content_description=_content_description(algorithm_name, model_version),
@@ -150,7 +165,8 @@ def segmentation(
         content_time=content_datetime.time(),
     )
     _add_patient_orientation(seg, header)
-    _pin_dimension_organization_uid(seg, sop_instance_uid, model_version)
+    seg.BodyPartExamined = body_part_examined(header)
+    _pin_dimension_organization_uid(seg, key, sop_instance_uid)
     pin_clock_values(seg, content_datetime)
     return seg
 
@@ -162,8 +178,7 @@ def _segment(
     property_type: Code,
     colour_rgb: tuple[int, int, int],
     algorithm: hd.AlgorithmIdentificationSequence,
-    header: Dataset,
-    model_version: str,
+    key: uids.ResultKey,
     anatomic_regions: list[Code] | None = None,
 ) -> hd.seg.SegmentDescription:
     """One segment, tracked by its label: its Tracking UID is the one the SR's group for it carries."""
@@ -175,15 +190,15 @@ def _segment(
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
         tracking_id=label,
-        tracking_uid=_segment_tracking_uid(header.SOPInstanceUID, model_version, number),
+        tracking_uid=segment_tracking_uid(key, number),
         anatomic_regions=anatomic_regions,
         display_color=hd.color.CIELabColor.from_rgb(*colour_rgb),
     )
 
 
-def _segment_tracking_uid(source_sop_instance_uid: str, model_version: str, segment_number: int) -> UID:
-    """Tracking UID of segment `segment_number` of the SEG of `source_sop_instance_uid` (also used by the SR)."""
-    return uids.tracking_uid(source_sop_instance_uid, model_version, f"{KIND}/segment-{segment_number}")
+def segment_tracking_uid(key: uids.ResultKey, segment_number: int) -> UID:
+    """Tracking UID of segment `segment_number` of the SEG of `key`'s image (the SR's group for it carries it too)."""
+    return key.tracking_uid(f"{KIND}/segment-{segment_number}")
 
 
 def _algorithm_parameters(finding: Finding) -> dict[str, str]:
@@ -228,10 +243,10 @@ def _add_patient_orientation(seg: hd.seg.Segmentation, header: Dataset) -> None:
     seg.PatientOrientation = header.get("PatientOrientation") or None
 
 
-def _pin_dimension_organization_uid(seg: hd.seg.Segmentation, sop_instance_uid: str, model_version: str) -> None:
-    """highdicom draws the Dimension Organization UID at random; derive it from the SEG's own SOP Instance UID so the
-    same input gives the same dataset."""
-    dimension_uid = uids.result_uid(sop_instance_uid, model_version, f"{KIND}/dimension-organization")
+def _pin_dimension_organization_uid(seg: hd.seg.Segmentation, key: uids.ResultKey, sop_instance_uid: str) -> None:
+    """highdicom draws the Dimension Organization UID at random; derive it from the SEG's key and own SOP Instance UID
+    so the same input gives the same dataset."""
+    dimension_uid = key.instance_uid(f"{KIND}/dimension-organization", sop_instance_uid)
     for keyword in ("DimensionOrganizationSequence", "DimensionIndexSequence"):
         for item in seg.get(keyword, []):
             item.DimensionOrganizationUID = dimension_uid

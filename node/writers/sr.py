@@ -1,26 +1,43 @@
 """Measurement Report (TID 1500) of one chest radiograph, as an Enhanced SR document.
 
-Content tree (highdicom builds every template):
+Content tree (highdicom builds every template; PS3.16 row numbers in brackets):
 
 Imaging Measurement Report (TID 1500)
-- Language, Observer Context: a device observer (TID 1004): cxrnode, with a UID derived from the model version
-- Procedure Reported: SCT 399208008 "Plain chest X-ray"
-- Imaging Measurements
-  - Image-level group (TID 1501), finding DCM "Opacity", source image referenced:
-      Opacity = Yes / No (CID 230); Certainty of Finding (%) = image-level opacity probability;
-      Extent (%) and Geographic extent score ({score}) for Lung with laterality Right, Left, Bilateral (both lungs)
-  - one group per reported opacity (TID 1410), finding DCM "Opacity", finding site Lung with the laterality of
-    the lung(s) it overlaps: its box as a closed SCOORD POLYLINE (5 points) on the source image,
-    Certainty of Finding (%) = detector score, Area (mm2) of the box when the pixel spacing is known
-  - with a SEG: one group per non-empty segment (TID 1411), referencing that segment of the SEG and carrying the
-    segment's Tracking UID, Area (mm2) of the segment when the pixel spacing is known
+- Language, Observer Context: a device observer (TID 1004): cxrnode, with a UID derived from the model version and
+  the Device Serial Number of the writers (`uids.device_serial_number`)
+- Procedure Reported [row 4]: SCT 363679005 "Imaging procedure" (CID 100 has no projection-radiography entry; the
+  chest X-ray itself is the source image's study)
+- Imaging Measurements [row 6]
+  - Algorithm Identification (TID 4019) [row 6b]: name, version (the model version), parameters (the thresholds),
+    family DCM 123110 "Artificial Intelligence", once for every group below: one algorithm made them all
+  - with a SEG: one Planar ROI group (TID 1410) per SEG segment, the empty opacity segment of a negative image
+    included, each referencing its frame of the SEG (Referenced Segmentation Frame [row 7]) and the source image
+    (Source image for segmentation [row 8]) and carrying the segment's Tracking ID and UID:
+      "Lung opacity": Certainty of Finding (%) = image-level opacity probability;
+      Area (mm2) of the opacity; Extent (%) and Geographic extent score ({score}) with finding site Lung and
+      laterality Right, Left, Bilateral (both lungs);
+      "Right lung", "Left lung": Area (mm2)
+  - without a SEG: one image-level group (TID 1501) with the same image-level items
+  - one Planar ROI group (TID 1410) per reported opacity, finding site Lung with the laterality of the lung(s) it
+    overlaps: its box as a closed SCOORD POLYLINE (5 points) on the source image [row 5], Certainty of Finding (%)
+    = detector score, Area (mm2) of the box
+- Qualitative Evaluations [row 12]: Opacity = Yes / No (CID 230) for the whole image [row 13]; when the image's
+  orientation was assumed, a TEXT Comment [row 14] saying so
 - Current Requested Procedure Evidence Sequence: the source image and the SEG
+
+Numbers are rounded to two decimal places (percent, mm2; `PRECISION_DECIMALS`), areas are written only when the
+image says how large a pixel is (`node.writers.pixel_spacing_mm`).
+
+Why TID 1410 with a Referenced Segmentation Frame rather than TID 1411 with a Referenced Segment: each segment of
+our SEG is one frame on the single-frame source image, which is what TID 1410 describes; TID 1411 is for a volume
+(and DCMTK's TID 1411 class requires a "Source series for segmentation"). highdicom writes the frame reference with
+both Referenced Frame Number and Referenced Segment Number, which the Image SOP Instance Reference Macro (PS3.3
+Table 10-3) makes alternatives; the Segment Number is removed, the frame identifies the segment.
 
 Why Enhanced SR (1.2.840.10008.5.1.4.1.1.88.22): the content needs 2-D SCOORDs, references and numbers, nothing 3-D
 and no by-reference relationships, so the least powerful SR class that holds it is Enhanced SR; it has been in the
 standard since 2000 and is stored by virtually every PACS, where Comprehensive 3D SR (88.34, 2013) can still be
-refused at association negotiation. It is also what DCMTK/dcmqi (3D Slicer) write for TID 1500. Comprehensive SR and
-Comprehensive 3D SR validate as well (dciodvfy); switching is one line.
+refused at association negotiation. It is also what DCMTK/dcmqi (3D Slicer) write for TID 1500.
 """
 
 from __future__ import annotations
@@ -40,8 +57,10 @@ from node.writers import (
     check_finding,
     codes,
     cxrnode_version,
+    options_token,
     pin_clock_values,
     pixel_spacing_mm,
+    result_key,
     source_header,
     source_instance_number,
     uids,
@@ -51,10 +70,15 @@ from node.writers.seg import LEFT_LUNG_SEGMENT, OPACITY_SEGMENT, RIGHT_LUNG_SEGM
 logger = logging.getLogger(__name__)
 
 KIND = "sr"
-"""The `kind` of the SR's UIDs (`uids.result_uid`, `uids.result_series_uid`)."""
+"""The `kind` of the SR's UIDs (`uids.ResultKey.instance_uid`, `uids.ResultKey.series_uid`)."""
 
 DEFAULT_SERIES_NUMBER = 7702
-"""Series Number of cxrnode's SR series (one per study and model version)."""
+"""Series Number of cxrnode's SR series (one per study, model version and settings)."""
+
+PRECISION_DECIMALS = 2
+"""Decimal places of every number in the SR (percent and mm2)."""
+
+_Group = hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 
 
 def measurement_report(
@@ -69,14 +93,19 @@ def measurement_report(
     instance_number: int | None = None,
     series_description: str | None = None,
     content_datetime: datetime.datetime | None = None,
+    orientation_note: str | None = None,
+    key: uids.ResultKey | None = None,
 ) -> hd.sr.EnhancedSR:
     """The TID 1500 Measurement Report of `finding` on `source`, referencing `segmentation` (the SEG written by
     `node.writers.seg.segmentation` for the same source and finding) when one is given.
 
-    Identity: SOP Instance UID `uids.result_uid(source SOP Instance UID, model version, "sr")`, in the series
-    `uids.result_series_uid(Study Instance UID, model version, "sr")`; same patient and study as the source.
-    Completion flag COMPLETE, verification flag UNVERIFIED, preliminary flag PRELIMINARY (no person has read it).
-    `content_datetime` (default: now) fixes every date/time, as for the SEG.
+    `orientation_note` (when the image had no usable Patient Orientation and the standard display was assumed) is
+    written as a Comment under Qualitative Evaluations.
+
+    Identity: SOP Instance UID `key.instance_uid("sr", options)`, in the series `key.series_uid("sr")` (see
+    `node.writers.uids`); the options are this call's keyword arguments, the SEG's SOP Instance UID and the note.
+    Same patient and study as the source. Completion flag COMPLETE, verification flag UNVERIFIED, preliminary flag
+    PRELIMINARY (no person has read it). `content_datetime` (default: now) fixes every date/time, as for the SEG.
 
     Raises `node.writers.SourceImageError` for an unsupported source, ValueError when the finding or the SEG does
     not fit the source.
@@ -85,16 +114,18 @@ def measurement_report(
     check_finding(header, finding)
     if segmentation is not None:
         _check_segmentation(segmentation, header)
+    if orientation_note is not None and not orientation_note.strip():
+        raise ValueError('Argument "orientation_note" may not be empty; pass None when there is nothing to note.')
     if content_datetime is None:
         content_datetime = datetime.datetime.now()
     model_version = finding.model_version
-    source_uid = str(header.SOPInstanceUID)
+    software_version = software_version or cxrnode_version()
+    key = result_key(source, finding, key, software_version)
     spacing = pixel_spacing_mm(header)
     algorithm = hd.sr.AlgorithmIdentification(
         name=algorithm_name,
         version=model_version,
         family=codes.ARTIFICIAL_INTELLIGENCE,
-        manufacturer=manufacturer,
         parameters=[
             f"score_threshold={finding.thresholds.score:g}",
             f"mask_threshold={finding.thresholds.mask:g}",
@@ -102,17 +133,15 @@ def measurement_report(
         ],
     )
 
-    groups: list[
-        hd.sr.MeasurementsAndQualitativeEvaluations
-        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-    ] = [_image_level_group(header, finding, algorithm)]
+    groups: list[_Group] = []
+    if segmentation is not None:
+        groups += _segment_groups(segmentation, header, finding, spacing)
+    else:
+        groups.append(_image_level_group(key, finding))
     groups += [
-        _opacity_group(header, finding, number, opacity, algorithm, spacing)
+        _opacity_group(header, key, finding, number, opacity, spacing)
         for number, opacity in enumerate(finding.opacities, start=1)
     ]
-    if segmentation is not None:
-        groups += _segment_groups(segmentation, header, finding, algorithm, spacing)
 
     observer = hd.sr.ObserverContext(
         observer_type=pydicom_codes.DCM.Device,
@@ -121,24 +150,41 @@ def measurement_report(
             name=algorithm_name,
             manufacturer_name=manufacturer,
             model_name=model_version,
+            serial_number=uids.device_serial_number(software_version, model_version),
         ),
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=codes.PLAIN_CHEST_X_RAY,
+        procedure_reported=codes.IMAGING_PROCEDURE,
         imaging_measurements=groups,
     )
-    sop_instance_uid = uids.result_uid(source_uid, model_version, KIND)
+    content = report[0]
+    _identify_algorithm(content, algorithm)
+    _drop_alternative_segment_numbers(content)
+    _add_evaluations(content, finding, orientation_note)
+
+    sop_instance_uid = key.instance_uid(
+        KIND,
+        options_token(
+            segmentation=None if segmentation is None else str(segmentation.SOPInstanceUID),
+            orientation_note=orientation_note,
+            algorithm_name=algorithm_name,
+            manufacturer=manufacturer,
+            series_number=series_number,
+            instance_number=instance_number,
+            series_description=series_description,
+        ),
+    )
     document = hd.sr.EnhancedSR(
         evidence=[header] if segmentation is None else [header, segmentation],
-        content=report[0],
-        series_instance_uid=uids.result_series_uid(header.StudyInstanceUID, model_version, KIND),
+        content=content,
+        series_instance_uid=key.series_uid(KIND),
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number if instance_number is not None else source_instance_number(header),
         manufacturer=manufacturer,
         manufacturer_model_name=algorithm_name,
-        software_versions=software_version or cxrnode_version(),
+        software_versions=software_version,
         is_complete=True,
         is_final=False,
         is_verified=False,
@@ -147,6 +193,7 @@ def measurement_report(
         content_time=content_datetime.time(),
         coding_schemes=[codes.cxrnode_coding_scheme()],
     )
+    document.DeviceSerialNumber = uids.device_serial_number(software_version, model_version)
     pin_clock_values(document, content_datetime)
     return document
 
@@ -161,11 +208,22 @@ def box_polyline(box: tuple[float, float, float, float]) -> np.ndarray:
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
 
 
-def _image_level_group(
-    header: Dataset, finding: Finding, algorithm: hd.sr.AlgorithmIdentification
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def opacity_tracking_identifier(number: int) -> str:
+    """Tracking Identifier of reported opacity `number` (1 = highest score), in the SR and the GSPS alike."""
+    return f"Lung opacity {number}"
+
+
+def opacity_tracking_uid(key: uids.ResultKey, number: int) -> str:
+    """Tracking UID of reported opacity `number`, in the SR and the GSPS alike."""
+    return key.tracking_uid(f"{KIND}/opacity-{number}")
+
+
+def _image_level(finding: Finding, spacing: tuple[float, float] | None) -> dict:
+    """The image-level measurements (the Opacity Yes/No evaluation is the report's: `_add_evaluations`)."""
     severity, extent = finding.severity, finding.extent
     measurements = [_percent(codes.CERTAINTY_OF_FINDING, 100.0 * finding.opacity_probability)]
+    if spacing is not None:
+        measurements.append(_area(int(np.count_nonzero(finding.opacity_mask)), spacing))
     for laterality, percent in (
         (codes.RIGHT, severity.right),
         (codes.LEFT, severity.left),
@@ -181,29 +239,29 @@ def _image_level_group(
                 finding_sites=[_lung(laterality)],
             )
         )
+    return {"measurements": measurements}
+
+
+def _image_level_group(key: uids.ResultKey, finding: Finding) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501, for an SR without a SEG: the image-level items with no region (the evidence names the image). Its
+    area is left out: without the SEG there is no region it would be the area of."""
+    items = _image_level(finding, None)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=uids.tracking_uid(header.SOPInstanceUID, finding.model_version, f"{KIND}/image"),
-            identifier="Lung opacity, whole image",
+            uid=key.tracking_uid(f"{KIND}/image"), identifier="Lung opacity, whole image"
         ),
         finding_type=codes.OPACITY,
-        finding_category=codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
         finding_sites=[hd.sr.FindingSite(codes.LUNG)],
-        algorithm_id=algorithm,
-        measurements=measurements,
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=codes.OPACITY, value=codes.YES if finding.opacity_present else codes.NO)
-        ],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
+        **items,
     )
 
 
 def _opacity_group(
     header: Dataset,
+    key: uids.ResultKey,
     finding: Finding,
     number: int,
     opacity: Opacity,
-    algorithm: hd.sr.AlgorithmIdentification,
     spacing: tuple[float, float] | None,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     x0, y0, x1, y1 = opacity.box
@@ -216,13 +274,14 @@ def _opacity_group(
     if spacing is not None:
         measurements.append(
             hd.sr.Measurement(
-                name=codes.AREA, value=(x1 - x0) * (y1 - y0) * spacing[0] * spacing[1], unit=codes.SQUARE_MILLIMETER
+                name=codes.AREA,
+                value=round((x1 - x0) * (y1 - y0) * spacing[0] * spacing[1], PRECISION_DECIMALS),
+                unit=codes.SQUARE_MILLIMETER,
             )
         )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=uids.tracking_uid(header.SOPInstanceUID, finding.model_version, f"{KIND}/opacity-{number}"),
-            identifier=f"Lung opacity {number}",
+            uid=opacity_tracking_uid(key, number), identifier=opacity_tracking_identifier(number)
         ),
         referenced_region=hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
@@ -233,9 +292,7 @@ def _opacity_group(
             ),
         ),
         finding_type=codes.OPACITY,
-        finding_category=codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
         finding_sites=[_lung(_laterality(opacity.mask, finding))],
-        algorithm_id=algorithm,
         measurements=measurements,
     )
 
@@ -244,52 +301,96 @@ def _segment_groups(
     segmentation: Dataset,
     header: Dataset,
     finding: Finding,
-    algorithm: hd.sr.AlgorithmIdentification,
     spacing: tuple[float, float] | None,
-) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
-    """One group per segment of the SEG that has pixels, referencing the segment and sharing its Tracking UID.
-
-    TID 1411 with a Referenced Segment (the whole segment: here its one frame) rather than TID 1410 with a Referenced
-    Segmentation Frame: highdicom 0.28 writes the latter with both Referenced Frame Number and Referenced Segment
-    Number, which the Image SOP Instance Reference Macro (PS3.3 Table 10-3) makes mutually exclusive, and gives the
-    single-frame source image a frame number.
-    """
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One TID 1410 group per segment of the SEG, empty ones included, referencing the segment's frame and sharing
+    its Tracking ID and UID; the opacity segment's group carries the image-level items."""
     masks = {
         OPACITY_SEGMENT: finding.opacity_mask,
         RIGHT_LUNG_SEGMENT: finding.right_lung,
         LEFT_LUNG_SEGMENT: finding.left_lung,
     }
+    frames = _frame_of_segment(segmentation)
     groups = []
     for segment in segmentation.SegmentSequence:
         number = int(segment.SegmentNumber)
-        mask = masks[number]
-        pixels = int(np.count_nonzero(mask))
-        if pixels == 0:
-            continue
-        measurements = []
-        if spacing is not None:
-            measurements.append(
-                hd.sr.Measurement(name=codes.AREA, value=pixels * spacing[0] * spacing[1], unit=codes.SQUARE_MILLIMETER)
-            )
-        category = hd.sr.CodedConcept.from_dataset(segment.SegmentedPropertyCategoryCodeSequence[0])
-        property_type = hd.sr.CodedConcept.from_dataset(segment.SegmentedPropertyTypeCodeSequence[0])
+        if number == OPACITY_SEGMENT:
+            items = _image_level(finding, spacing)
+        else:
+            pixels = int(np.count_nonzero(masks[number]))
+            items = {"measurements": [_area(pixels, spacing)] if spacing is not None else None}
         groups.append(
-            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=segment.TrackingUID, identifier=segment.TrackingID),
-                referenced_segment=hd.sr.ReferencedSegment(
+                referenced_segment=hd.sr.ReferencedSegmentationFrame(
                     sop_class_uid=segmentation.SOPClassUID,
                     sop_instance_uid=segmentation.SOPInstanceUID,
+                    frame_number=frames[number],
                     segment_number=number,
-                    source_images=[hd.sr.SourceImageForSegmentation(header.SOPClassUID, header.SOPInstanceUID)],
+                    source_image=hd.sr.SourceImageForSegmentation(header.SOPClassUID, header.SOPInstanceUID),
                 ),
-                finding_type=property_type,
-                finding_category=category,
+                finding_type=hd.sr.CodedConcept.from_dataset(segment.SegmentedPropertyTypeCodeSequence[0]),
                 finding_sites=[hd.sr.FindingSite(codes.LUNG)] if number == OPACITY_SEGMENT else None,
-                algorithm_id=algorithm,
-                measurements=measurements or None,
+                **items,
             )
         )
     return groups
+
+
+def _frame_of_segment(segmentation: Dataset) -> dict[int, int]:
+    """Segment Number -> the number of the SEG frame that holds it (each of our segments is one frame)."""
+    frames = {}
+    for index, item in enumerate(segmentation.PerFrameFunctionalGroupsSequence, start=1):
+        frames[int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)] = index
+    return frames
+
+
+def _imaging_measurements(content: Dataset) -> Dataset:
+    (container,) = [
+        item
+        for item in content.ContentSequence
+        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == "126010"
+    ]
+    return container
+
+
+def _identify_algorithm(content: Dataset, algorithm: hd.sr.AlgorithmIdentification) -> None:
+    """TID 4019 once, at the head of Imaging Measurements (TID 1500 row 6b): it made every group in it."""
+    container = _imaging_measurements(content)
+    container.ContentSequence = [*algorithm, *container.ContentSequence]
+
+
+def _drop_alternative_segment_numbers(content: Dataset) -> None:
+    """A Referenced Segmentation Frame names the frame; Referenced Segment Number, its alternative in the Image SOP
+    Instance Reference Macro (PS3.3 Table 10-3), goes. The code meaning of "Source image for segmentation" is the
+    one PS3.16 gives (pydicom's table capitalises it)."""
+    for group in _imaging_measurements(content).ContentSequence:
+        for item in group.get("ContentSequence", []):
+            name = item.ConceptNameCodeSequence[0]
+            if name.CodeValue == "121214" and name.CodingSchemeDesignator == "DCM":
+                for reference in item.ReferencedSOPSequence:
+                    if "ReferencedSegmentNumber" in reference:
+                        del reference.ReferencedSegmentNumber
+            if name.CodeValue == "121233" and name.CodingSchemeDesignator == "DCM":
+                name.CodeMeaning = "Source image for segmentation"
+
+
+def _add_evaluations(content: Dataset, finding: Finding, orientation_note: str | None) -> None:
+    """Qualitative Evaluations (TID 1500 row 12): Opacity = Yes / No for the whole image (row 13) and, when the
+    image's orientation was assumed, a Comment (DCM 121106) saying so (row 14)."""
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    items: list[Dataset] = [
+        hd.sr.CodeContentItem(
+            name=codes.OPACITY, value=codes.YES if finding.opacity_present else codes.NO, relationship_type=contains
+        )
+    ]
+    if orientation_note is not None:
+        items.append(
+            hd.sr.TextContentItem(name=codes.COMMENT, value=orientation_note.strip(), relationship_type=contains)
+        )
+    evaluations = hd.sr.ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type=contains)
+    evaluations.ContentSequence = hd.sr.ContentSequence(items)
+    content.ContentSequence.append(evaluations)
 
 
 def _check_segmentation(segmentation: Dataset, header: Dataset) -> None:
@@ -324,7 +425,16 @@ def _check_segmentation(segmentation: Dataset, header: Dataset) -> None:
 
 def _percent(name: Code, value: float, site: hd.sr.FindingSite | None = None) -> hd.sr.Measurement:
     return hd.sr.Measurement(
-        name=name, value=float(value), unit=codes.PERCENT, finding_sites=None if site is None else [site]
+        name=name,
+        value=round(float(value), PRECISION_DECIMALS),
+        unit=codes.PERCENT,
+        finding_sites=None if site is None else [site],
+    )
+
+
+def _area(pixels: int, spacing: tuple[float, float]) -> hd.sr.Measurement:
+    return hd.sr.Measurement(
+        name=codes.AREA, value=round(pixels * spacing[0] * spacing[1], PRECISION_DECIMALS), unit=codes.SQUARE_MILLIMETER
     )
 
 
