@@ -13,7 +13,9 @@ import pytest
 from postgres import PostgresServer, require_postgres
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CXRNODE_SHARED", REPO.parent / "shared"))
+# Elsewhere than beside the clone: TEST_SHARED_DIR. (Not a CXRNODE_ variable: the node refuses unknown ones, and the
+# nodes the tests start inherit this environment.)
+SHARED = Path(os.environ.get("TEST_SHARED_DIR") or REPO.parent / "shared")
 REAL_CXR = SHARED / "data" / "real-cxr"
 LUNGS_REAL = SHARED / "data" / "lungs-real"
 
