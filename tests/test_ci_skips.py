@@ -35,6 +35,7 @@ def run_suite(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess[str
     conftest = (REPO / "tests" / "conftest.py").read_text()
     conftest += '\nALLOWED_SKIPS["test_suite.py::test_allowed"] = "CI machines have no such hardware"\n'
     (tmp_path / "conftest.py").write_text(conftest)
+    (tmp_path / "postgres.py").write_text((REPO / "tests" / "postgres.py").read_text())  # the conftest imports it
     (tmp_path / "test_suite.py").write_text(SUITE)
     (tmp_path / "test_module_skip.py").write_text(
         'import pytest\npytest.skip("no ../shared", allow_module_level=True)\n'
