@@ -5,8 +5,8 @@ The object and its job are kept in one step (`node.store.keep_received`): with t
 written (temporary file, fsync, atomic rename, directory fsync), then its job committed to the queue; with the
 PostgreSQL store both are one transaction. Only then is Success returned. Pixel data is not decoded here; the
 worker does that. A disk or database failure (StoreFull, StoreUnavailable, QueueError) answers 0xA700 (Out of
-Resources) and leaves nothing kept; an object that cannot be parsed, or is not whole,
-0xC000 (Cannot Understand). An object outside the filters is acknowledged and recorded as skipped.
+Resources) and leaves nothing kept; an object that cannot be parsed, or is not whole, 0xC000 (Cannot Understand).
+An object outside the filters is acknowledged and recorded as skipped.
 """
 
 from __future__ import annotations
