@@ -78,6 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "http.port": args.http_port,
         "queue.url": args.queue,
         "queue.node_id": args.node_id,
+        "store.url": args.store,
     }
     return serve(
         args.config, overrides, destinations=args.destination or [], allowed_calling_aes=args.allow_calling_ae or []
@@ -433,6 +434,11 @@ def build_parser(ml_command: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     serve.add_argument("--http-port", type=int, help="metrics, health and status page port (0: none; default 11180)")
     serve.add_argument("--node-id", help="this node's name as the holder of queue jobs (default hostname:pid)")
+    serve.add_argument(
+        "--store",
+        metavar="URL",
+        help="images and results: file:///PATH (default the data dir) or the queue's postgresql://...",
+    )
     serve.set_defaults(func=cmd_serve)
 
     echo = commands.add_parser("echo", help="C-ECHO a DICOM peer")

@@ -1,6 +1,7 @@
-"""Turn one Finding into the result objects the configuration asks for, and store them durably.
+"""Turn one Finding into the result objects the configuration asks for, and keep them durably in the store under
 
-    data_dir/results/<Study Instance UID>/<kind>-<SOP Instance UID>.dcm
+    results/<Study Instance UID>/<kind>-<SOP Instance UID>.dcm   (node.store.result_key; with the file store in
+                                                                  the data dir, that file in it)
 
 UIDs are content-true and deterministic (node.writers.uids): writing the same job twice — after a crash, or a
 resend — produces the same objects under the same names, and another image under the same SOP Instance UID, or other
@@ -19,7 +20,7 @@ from pydicom import Dataset, dcmwrite
 from models import Finding
 from node.faults import crash_point
 from node.queue import ResultObject
-from node.spool import Spool
+from node.store import Store, result_key
 from node.writers import cxrnode_version, uids
 from node.writers.gsps import presentation_state
 from node.writers.sc import burned_in_capture
@@ -96,16 +97,16 @@ def write_results(
     source: Dataset,
     finding: Finding,
     objects: Sequence[str],
-    spool: Spool,
+    store: Store,
     content_datetime: datetime.datetime,
     pixels: np.ndarray | None = None,
     orientation_note: str | None = None,
 ) -> list[ResultObject]:
-    """Build the results (`build_results`) and store each durably in `spool`, in order."""
+    """Build the results (`build_results`) and keep each durably in the store, in order."""
     results = []
     for kind, ds in build_results(source, finding, objects, content_datetime, pixels, orientation_note):
-        path = spool.result_path(str(source.StudyInstanceUID), kind, str(ds.SOPInstanceUID))
-        spool.store_result(path, encode(ds))
+        key = result_key(str(source.StudyInstanceUID), kind, str(ds.SOPInstanceUID))
+        store.put(key, encode(ds))
         crash_point("writing")
-        results.append(ResultObject(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID), spool.relative(path)))
+        results.append(ResultObject(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID), key))
     return results

@@ -1,10 +1,12 @@
 """The receive path that C-STORE (node.scp) and STOW-RS (node.stow_server) share: check an object, write it
 durably, record its job, and only then say it is stored.
 
-The object goes to the spool (temporary file, fsync, atomic rename, directory fsync), its job is committed to the
-queue, and only then is Success returned. Pixel data is not decoded here; the worker does that. A disk or database
-failure answers 0xA700 (Out of Resources) and leaves no file; an object that cannot be parsed, or is not whole,
-0xC000 (Cannot Understand). An object outside the filters is acknowledged and recorded as skipped.
+The object and its job are kept in one step (`node.store.keep_received`): with the file store the object is
+written (temporary file, fsync, atomic rename, directory fsync), then its job committed to the queue; with the
+PostgreSQL store both are one transaction. Only then is Success returned. Pixel data is not decoded here; the
+worker does that. A disk or database failure (StoreFull, StoreUnavailable, QueueError) answers 0xA700 (Out of
+Resources) and leaves nothing kept; an object that cannot be parsed, or is not whole, 0xC000 (Cannot Understand).
+An object outside the filters is acknowledged and recorded as skipped.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from io import BytesIO
 
 from pydicom import Dataset, dcmread
@@ -26,8 +28,8 @@ from node.faults import crash_point
 from node.filters import reason_to_skip
 from node.metrics import Metrics
 from node.queue import JobState, NewJob, Queue, QueueError, WakeUp
-from node.spool import Spool, SpoolError, safe_uid
 from node.statuses import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
+from node.store import Store, StoreError, keep_received, safe_uid
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +39,10 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 
 @dataclass
 class Receiver:
-    """What the handlers need: the current settings, the spool, the queue, a way to wake the worker, the audit."""
+    """What the handlers need: the current settings, the store, the queue, a way to wake the worker, the audit."""
 
     settings: Callable[[], Settings]
-    spool: Spool
+    store: Store
     queue: Queue
     wake_worker: WakeUp
     audit: AuditLog
@@ -48,13 +50,16 @@ class Receiver:
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def low_on_disk(self) -> str | None:
-        """Why the data dir is below its low-water mark, or None."""
+        """Why the store's disk is below its low-water mark, or None (also when the store cannot tell: PostgreSQL)."""
         node = self.settings().node
-        free, total = self.spool.free_bytes(), self.spool.total_bytes()
+        space = self.store.space()
+        if space is None:
+            return None
+        (free, total), where = space, self.store.where()
         if free < node.min_free_mb * 1e6:
-            return f"only {free / 1e6:.0f} MB free in {self.spool.data_dir} (low-water mark {node.min_free_mb:g} MB)"
+            return f"only {free / 1e6:.0f} MB free in {where} (low-water mark {node.min_free_mb:g} MB)"
         if total and 100 * free / total < node.min_free_percent:
-            return f"only {100 * free / total:.2f} % free in {self.spool.data_dir} (low-water mark {node.min_free_percent:g} %)"
+            return f"only {100 * free / total:.2f} % free in {where} (low-water mark {node.min_free_percent:g} %)"
         return None
 
 
@@ -205,7 +210,6 @@ def receive(receiver: Receiver, arrival: Arrival) -> Receipt:
         accession_number=str(header.get("AccessionNumber", "") or ""),
         study_date=str(header.get("StudyDate", "") or ""),
     )
-    stored = None
     try:
         existing = receiver.queue.find(sop_instance)
         if existing is not None:
@@ -227,16 +231,10 @@ def receive(receiver: Receiver, arrival: Arrival) -> Receipt:
                 study_instance_uid=new_job.study_instance_uid,
             )
             return Receipt(SUCCESS, job_id=existing.id, outcome="duplicate")
-        if reason is None:
-            stored = receiver.spool.store_object(sop_instance, data)
-            new_job = replace(new_job, spool_path=receiver.spool.relative(stored))
-            crash_point("spooled")
-        job_id, created = receiver.queue.add(new_job)
-    except (SpoolError, QueueError, OSError) as error:
-        if stored is not None:
-            stored.unlink(missing_ok=True)
+        job_id, created = keep_received(receiver.store, receiver.queue, new_job, None if reason else data)
+    except (StoreError, QueueError, OSError) as error:  # nothing was kept (StoreFull: no space)
         return refuse(receiver, arrival, OUT_OF_RESOURCES, f"cannot store: {error}")
-    if not created and stored is not None:  # another association recorded it first; its file is the same object
+    if not created and reason is None:  # another association recorded it first; what it kept is the same object
         log.info("%s from %s sop=%s: duplicate of job=%d", arrival.service, peer, sop_instance, job_id)
         return Receipt(SUCCESS, job_id=job_id, outcome="duplicate")
     receiver.audit.record(

@@ -26,8 +26,8 @@ from node.faults import crash_point
 from node.metrics import Metrics
 from node.queue import Job, JobState, Queue, WakeUp
 from node.queue.leases import LeaseKeeper
-from node.spool import Spool
 from node.statuses import DELIVERED
+from node.store import Store, readable
 from node.stow_client import store_dicomweb
 
 log = logging.getLogger(__name__)
@@ -102,14 +102,14 @@ class Sender:
         self,
         settings: Callable[[], Settings],
         queue: Queue,
-        spool: Spool,
+        store: Store,
         wake: WakeUp,
         audit: AuditLog,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.queue = queue
-        self.spool = spool
+        self.store = store
         self.wake = wake
         self.audit = audit
         self.metrics = metrics
@@ -162,7 +162,7 @@ class Sender:
         delivered = set(job.delivered)
         errors = []
         started = time.perf_counter()
-        missing = [r.path for r in job.results if not self.spool.absolute(r.path).is_file()]
+        missing = [r.path for r in job.results if not self.store.exists(r.path)]
         written = {r.kind for r in job.results}
         wanted = {kind for peer in destinations for kind in settings.objects_for(peer)}
         if missing or not wanted <= written:
@@ -175,7 +175,7 @@ class Sender:
                 continue
             profile = settings.objects_for(peer)
             results = [r for r in job.results if r.kind in profile]
-            paths = [self.spool.absolute(r.path) for r in results]
+            paths = [readable(self.store, r.path) for r in results]  # in-memory files, named like the key
             attempt_started = time.perf_counter()
             try:
                 if peer.url:
@@ -238,7 +238,8 @@ class Sender:
                 state=JobState.DONE,
                 node_id=self.node_id,
             )
-            self.spool.remove(job.spool_path)
+            if job.spool_path:
+                self.store.delete(job.spool_path)
             return
         attempts = job.attempts + 1
         error = "; ".join(errors)

@@ -3,7 +3,7 @@
 Two processes. This one receives (the SCP), sends (the sender), serves HTTP and supervises; the worker process
 (node.worker_process) decodes, runs the models and writes the results. Start-up acquires every resource before
 anything heavy and fails fast: settings → the data folder's lock (one node per folder) → the DICOM and HTTP ports
-(bound, not yet answered) → queue and spool (partial files removed, interrupted jobs resumed) → the worker process,
+(bound, not yet answered) → queue and store (partial files removed, interrupted jobs resumed) → the worker process,
 waited for until its models are loaded (bad weights fail here, before anything is acknowledged) → associations and
 HTTP answered, sender started.
 """
@@ -29,7 +29,7 @@ from node.metrics import Metrics
 from node.queue import UNFINISHED, JobState, Queue, QueueError, Work, open_queue
 from node.scp import Receiver, bind_server, make_ae, serve_associations
 from node.sender import Sender
-from node.spool import Spool, SpoolError
+from node.store import OBJECTS, Store, StoreError, open_store
 from node.web import StatusSources, bind_http, serve_http
 from node.worker_process import WorkerProcess, WorkerStartError
 
@@ -38,24 +38,34 @@ log = logging.getLogger(__name__)
 MAIN_PID = "_CXRNODE_MAIN_PID"  # lets node.faults stop the whole node from the worker process
 
 
-def reconcile(spool: Spool, queue: Queue, node_id: str) -> None:
-    """Make the spool and the job table agree after a crash.
+ORPHAN_AGE_S = 3600.0
+"""In a shared store, an object with no job is removed only this long after it was written: a younger one may be
+another node's, whose job is not committed yet (the file store writes the object first)."""
 
-    A spooled file with no job row was never acknowledged (the crash came between the rename and the commit):
-    delete it, the sender will send it again. An unfinished job whose spooled file is gone cannot be analysed:
-    mark it failed, so that it shows up instead of vanishing."""
-    removed = spool.prepare()
+
+def reconcile(store: Store, queue: Queue, node_id: str) -> None:
+    """Make the store and the job table agree after a crash.
+
+    An object with no job row was never acknowledged (the crash came between the rename and the commit): delete
+    it, the sender will send it again. An unfinished job whose object is gone cannot be analysed: mark it failed,
+    so that it shows up instead of vanishing. Another node's objects and jobs are left alone: in a shared store
+    (PostgreSQL, a shared folder) only orphans older than ORPHAN_AGE_S are removed, and with a shared store or a
+    shared queue a missing object is not taken for a lost one here (the job may be another node's, in a store this
+    node cannot see; the worker that claims it says so)."""
+    removed = store.prepare()
     orphans = 0
-    for path in list(spool.objects()):
-        if queue.find(path.stem) is None:
-            path.unlink(missing_ok=True)
+    for key in list(store.keys(OBJECTS, older_than_s=ORPHAN_AGE_S if store.shared else 0.0)):
+        uid = key.rsplit("/", 1)[-1].removesuffix(".dcm")
+        if queue.find(uid) is None:
+            store.delete(key)
             orphans += 1
     lost = 0
-    for state in (JobState.RECEIVED, JobState.INFERRING, JobState.WRITING):
-        for job in queue.jobs(state, limit=1_000_000):
-            if job.spool_path and not spool.absolute(job.spool_path).is_file():
-                queue.set_state(job.id, JobState.FAILED, error="spooled object missing after restart")
-                lost += 1
+    if not (store.shared or queue.shared):
+        for state in (JobState.RECEIVED, JobState.INFERRING, JobState.WRITING):
+            for job in queue.jobs(state, limit=1_000_000):
+                if job.spool_path and not store.exists(job.spool_path):
+                    queue.set_state(job.id, JobState.FAILED, error="spooled object missing after restart")
+                    lost += 1
     resumed = queue.recover(node_id)
     unfinished = sum(queue.counts()[s] for s in UNFINISHED)
     log.info(
@@ -97,7 +107,7 @@ def serve(
     allowed_calling_aes: Sequence[str] = (),
 ) -> int:
     """Start, run until SIGTERM / SIGINT, stop. Start-up takes every resource before anything heavy: the data
-    folder's lock, the DICOM and HTTP ports (bound, not yet answered), the queue and the spool; only then are the
+    folder's lock, the DICOM and HTTP ports (bound, not yet answered), the queue and the store; only then are the
     models loaded (in the worker process) and associations answered. Any failure raises StartupError with one line
     that names it; nothing is left running. A signal during start-up stops it; a second one during shutdown stops
     at once."""
@@ -116,7 +126,7 @@ def serve(
         except Interrupted as interrupted:
             log.info("%s during start-up: stopped", interrupted)
             return 128 + interrupted.signum
-        except (DataDirInUse, QueueError, SpoolError, WorkerStartError) as error:
+        except (DataDirInUse, QueueError, StoreError, WorkerStartError) as error:
             raise StartupError(str(error)) from None
         except PortUnavailable as error:
             raise StartupError(f"{error}; stop whatever holds it, or choose another port") from None
@@ -140,17 +150,18 @@ def _run(launch: Launch, settings: Settings, cleanup: contextlib.ExitStack, star
             cleanup.callback(http.server_close)
     except OSError as error:
         raise PortUnavailable(str(error.strerror or error)) from None
-    spool = Spool(settings.node.data_dir)
     queue = open_queue(settings)
     cleanup.callback(queue.close)
-    reconcile(spool, queue, settings.queue.node_id)
+    store = open_store(settings)
+    cleanup.callback(store.close)
+    reconcile(store, queue, settings.queue.node_id)
     audit = AuditLog(settings.node.data_dir)
     metrics = Metrics(queue)
     os.environ[MAIN_PID] = str(os.getpid())
     worker = WorkerProcess(launch, current, queue, metrics)
     cleanup.callback(lambda: worker.pump.ident is not None and worker.stop())
     model_version = worker.start()  # the models load here; a signal meanwhile stops the start-up
-    sender = Sender(current, queue, spool, worker.wake_sender, audit, metrics)
+    sender = Sender(current, queue, store, worker.wake_sender, audit, metrics)
     queue.listen(Work.SEND, worker.wake_sender)  # PostgreSQL: results recorded by other nodes' workers too
     stopped = threading.Event()
     hurry = threading.Event()
@@ -177,7 +188,7 @@ def _run(launch: Launch, settings: Settings, cleanup: contextlib.ExitStack, star
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
 
-    receiver = Receiver(current, spool, queue, worker.wake, audit, metrics)
+    receiver = Receiver(current, store, queue, worker.wake, audit, metrics)
     sources = StatusSources(
         current,
         queue,
@@ -201,7 +212,7 @@ def _run(launch: Launch, settings: Settings, cleanup: contextlib.ExitStack, star
         "ready: %s, data in %s, results to %s",
         model_version,
         settings.node.data_dir,
-        ", ".join(p.name for p in settings.destinations_for("")) or f"{spool.results}",
+        ", ".join(p.name for p in settings.destinations_for("")) or store.where("results"),
     )
     # Wake every second rather than wait for ever: Python runs signal handlers only in this thread, and a SIGHUP
     # the kernel hands to another thread would otherwise wait until something else woke this one.

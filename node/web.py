@@ -44,8 +44,8 @@ from node.metrics import Metrics
 from node.queue import Job, JobState, Queue
 from node.receiving import Receiver
 from node.sender import Sender
-from node.spool import OVERLAYS, THUMBNAILS
 from node.status_page import status_page
+from node.store import OVERLAYS, THUMBNAILS, Store, StoreError, picture_key
 from node.stow_server import handle_stow, is_stow_path
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,11 @@ class StatusSources:
     throughput: Throughput = field(init=False)
     receiver: Receiver | None = None
     """Where STOW-RS requests are stored (None: POST is refused)."""
+    store: Store | None = None
+    """Where the overlay pictures are (None: the receiver's store; with neither, no pictures)."""
+
+    def picture_store(self) -> Store | None:
+        return self.store or (self.receiver.store if self.receiver is not None else None)
 
     def __post_init__(self) -> None:
         self.throughput = Throughput(self.started_at)
@@ -160,8 +165,15 @@ def local_time(timestamp: float) -> str:
 
 def picture(sources: StatusSources, folder: str, job_id: int) -> str | None:
     """The URL of a job's overlay picture in `folder`, if the worker saved one."""
-    name = f"{job_id}.{PICTURES[folder][0]}"
-    return f"/{folder}/{name}" if (sources.data_dir / folder / name).is_file() else None
+    store = sources.picture_store()
+    try:
+        return (
+            f"/{picture_key(folder, job_id)}"
+            if store is not None and store.exists(picture_key(folder, job_id))
+            else None
+        )
+    except StoreError:
+        return None
 
 
 def job_status(sources: StatusSources, job: Job) -> dict[str, Any]:
@@ -300,10 +312,13 @@ def make_handler(sources: StatusSources) -> type[BaseHTTPRequestHandler]:
                 return self._send(200, status_page(data, token).encode(), "text/html; charset=utf-8")
             match = PICTURE.fullmatch(url.path)
             if match and PICTURES[match.group(1)][0] == match.group(3):
-                folder, number, suffix = match.groups()
-                path = sources.data_dir / folder / f"{int(number)}.{suffix}"
-                if path.is_file():
-                    return self._send(200, path.read_bytes(), PICTURES[folder][1])
+                folder, number, _ = match.groups()
+                store = sources.picture_store()
+                try:
+                    if store is not None:
+                        return self._send(200, store.get(picture_key(folder, int(number))), PICTURES[folder][1])
+                except StoreError:  # StoreMissing: never made (or the store is away): 404
+                    pass
             return self._send(404, b"not found\n", "text/plain; charset=utf-8")
 
         def do_POST(self) -> None:  # noqa: N802 - http.server's naming

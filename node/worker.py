@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from io import BytesIO
 from queue import Empty, Full
 from queue import Queue as Handoff
 
@@ -38,7 +39,7 @@ from node.overlay import render_overlay
 from node.pixels import prepare
 from node.queue import Job, JobState, Queue, WakeUp
 from node.queue.leases import LeaseKeeper
-from node.spool import OVERLAYS, THUMBNAILS, Spool
+from node.store import OVERLAYS, THUMBNAILS, Store, StoreError, StoreMissing, picture_key
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class Worker:
         self,
         settings: Callable[[], Settings],
         queue: Queue,
-        spool: Spool,
+        store: Store,
         predictor: Predictor,
         wake: WakeUp,
         wake_sender: WakeUp,
@@ -80,7 +81,7 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.queue = queue
-        self.spool = spool
+        self.store = store
         self.predictor = predictor
         self.wake = wake
         self.wake_sender = wake_sender
@@ -204,15 +205,20 @@ class Worker:
         if job.spool_path is None:
             self.queue.set_state(job.id, JobState.FAILED, node_id=self.node_id, error="no spooled object for this job")
             return None
-        path = self.spool.absolute(job.spool_path)
         try:
-            source = dcmread(path)
+            data = self.store.get(job.spool_path)
+        except StoreMissing:
+            self._fail(job, f"spooled object {job.spool_path} is missing")
+            return None
+        except StoreError as error:  # unreachable for now: the job waits for the next claim
+            log.warning("job=%d: cannot read its object (%s); analysed later", job.id, error)
+            self.queue.set_state(job.id, JobState.RECEIVED, node_id=self.node_id, error=f"cannot read: {error}")
+            return None
+        try:
+            source = dcmread(BytesIO(data))
             pixels = prepare(source)
             orientation = display_orientation(source)
             display = to_display(pixels, orientation.transform)
-        except FileNotFoundError:
-            self._fail(job, f"spooled object {job.spool_path} is missing")
-            return None
         except ModelsError as error:
             self._fail(job, str(error))
             return None
@@ -247,12 +253,12 @@ class Worker:
                 item.source,
                 finding,
                 settings.objects_to_write(job.calling_ae),
-                self.spool,
+                self.store,
                 content_datetime=datetime.datetime.fromtimestamp(job.received_at),
                 pixels=item.pixels,
                 orientation_note=item.orientation.note,
             )
-        except OSError as error:  # disk full or unwritable: the job stays recoverable, try again later
+        except (StoreError, OSError) as error:  # store full or unreachable: the job stays recoverable, try later
             log.error("job=%d sop=%s: cannot write results (%s); will retry", job.id, job.sop_instance_uid, error)
             self.queue.set_state(
                 job.id, JobState.RECEIVED, node_id=self.node_id, error=f"cannot write results: {error}"
@@ -290,22 +296,28 @@ class Worker:
             " ".join(f"{r.kind}={r.sop_instance_uid}" for r in results),
         )
         if state is JobState.DONE:
-            self.spool.remove(job.spool_path)
-            log.info("job=%d done: results in %s (no destination configured)", job.id, self.spool.results)
+            self._remove_object(job)
+            log.info("job=%d done: results in %s (no destination configured)", job.id, self.store.where("results"))
         else:
             self.wake_sender.set()
 
     def _thumbnail(self, job: Job, pixels: np.ndarray, finding: Finding) -> None:
         """Overlay pictures for the status page, small and full size; best effort, they are not results."""
         try:
-            for name, max_side, suffix in ((THUMBNAILS, 320, "png"), (OVERLAYS, 1600, "jpg")):
-                folder = self.spool.data_dir / name
-                folder.mkdir(exist_ok=True)  # JPEG 4:4:4 keeps the outlines sharp at a quarter of the PNG's size
-                render_overlay(pixels, finding, max_side=max_side).save(
-                    folder / f"{job.id}.{suffix}", quality=90, subsampling=0
-                )
+            for folder, max_side, kind in ((THUMBNAILS, 320, "PNG"), (OVERLAYS, 1600, "JPEG")):
+                picture = BytesIO()  # JPEG 4:4:4 keeps the outlines sharp at a quarter of the PNG's size
+                render_overlay(pixels, finding, max_side=max_side).save(picture, format=kind, quality=90, subsampling=0)
+                self.store.put(picture_key(folder, job.id), picture.getbuffer(), durable=False)
         except Exception as error:
             log.warning("job=%d: no overlay picture (%s)", job.id, error)
+
+    def _remove_object(self, job: Job) -> None:
+        """The received object is no longer needed once the results are recorded (best effort)."""
+        if job.spool_path:
+            try:
+                self.store.delete(job.spool_path)
+            except StoreError as error:
+                log.warning("job=%d: its object stays in the store (%s)", job.id, error)
 
     def _fail(self, job: Job, reason: str) -> None:
         log.warning("job=%d sop=%s failed: %s", job.id, job.sop_instance_uid, reason)

@@ -8,7 +8,7 @@ or runs out of memory takes only the worker down: the receiving process notices,
 SIGHUP has reloaded since), not the configuration file as it is now: [node] and [inference] change only at a restart
 of the node, whatever happens to the worker.
 
-The two processes share only the spool and the queue database (SQLite in WAL mode takes writers from both), plus
+The two processes share only the store and the queue database (SQLite in WAL mode takes writers from both), plus
 two wake-up events and a message queue on which the worker reports that it is ready (with its model version), that
 it could not start (with the reason), and its metrics.
 """
@@ -32,7 +32,7 @@ from node.config import Settings
 from node.launch import Launch, configure_logging, load_predictor, reloaded
 from node.metrics import Metrics
 from node.queue import Queue, Work, open_queue
-from node.spool import Spool
+from node.store import open_store
 
 if TYPE_CHECKING:  # torch and the models: in the worker process only
     from node.worker import Worker
@@ -96,16 +96,16 @@ def run(
     try:
         queue = open_queue(settings)
         queue.listen(Work.INFER, wake)  # PostgreSQL: jobs received (or handed back) by any node
+        store = open_store(settings)
         predictor = load_predictor(settings)
     except Exception as error:  # bad weights, no GPU, unreadable database: say why, and stop
         messages.put(("error", f"{type(error).__name__}: {error}"))
         return
-    spool = Spool(settings.node.data_dir)
 
     def report(name: str, value: float) -> None:
         messages.put(("metric", name, value))
 
-    worker = Worker(lambda: holder[0], queue, spool, predictor, wake, wake_sender, report)
+    worker = Worker(lambda: holder[0], queue, store, predictor, wake, wake_sender, report)
     stopped = threading.Event()
 
     def on_stop(signum: int, frame: FrameType | None) -> None:

@@ -45,6 +45,7 @@ from node.config.schema import (
     RoutingRule,
     SenderSettings,
     Settings,
+    StoreSettings,
     TLSSettings,
 )
 from node.config.values import Address, check_ae_title, is_url, parse_address, storage_sop_class_uid
@@ -68,6 +69,7 @@ __all__ = [
     "Peer",
     "Problem",
     "QueueSettings",
+    "StoreSettings",
     "Routing",
     "RoutingRule",
     "SenderSettings",

@@ -351,6 +351,18 @@ class QueueSettings(_Section):
         return self
 
 
+def _store_url(url: str) -> str:
+    from node.store import check_url  # its StoreURLError is a ValueError: reported like any bad value
+
+    return check_url(url.strip())
+
+
+class StoreSettings(_Section):
+    """``[store]``: where received images, results and overlay pictures are kept (``node.store``)."""
+
+    url: Annotated[str, AfterValidator(_store_url)] | None = None  # None = file://<data_dir>
+
+
 class Settings(BaseModel):
     """All settings of the node: built once at start-up by :func:`load_settings` and passed down."""
 
@@ -367,6 +379,7 @@ class Settings(BaseModel):
     tls: TLSSettings = Field(default_factory=TLSSettings)
     http: HTTPSettings = Field(default_factory=HTTPSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:

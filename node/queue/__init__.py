@@ -107,7 +107,7 @@ class ResultObject:
     kind: str  # "SEG", "SR", "GSPS", "SC"
     sop_class_uid: str
     sop_instance_uid: str
-    path: str  # relative to the data dir
+    path: str  # its key in the store (node.store.result_key; for the file store, also the path in its folder)
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class NewJob:
     calling_ae: str
     called_ae: str
     peer_address: str
-    spool_path: str | None  # relative to the data dir; None for a skipped object that was not kept
+    spool_path: str | None  # the object's key in the store (node.store); None for a skipped object not kept
     state: JobState = JobState.RECEIVED
     error: str | None = None
     accession_number: str = ""
@@ -142,6 +142,7 @@ class Job:
     called_ae: str
     peer_address: str
     spool_path: str | None
+    """The received object's key in the store (`node.store.object_key`); None when it was not kept."""
     state: JobState
     error: str | None
     attempts: int
@@ -171,8 +172,14 @@ class Job:
 
 
 class Queue(Protocol):
-    def add(self, job: NewJob) -> tuple[int, bool]:
-        """Record a received object; (job id, True) when new, (existing id, False) for a SOP Instance seen before."""
+    shared: bool
+    """True when nodes on other hosts may use this queue too (PostgreSQL); False for this host's processes alone."""
+
+    def add(self, job: NewJob, objects: Mapping[str, bytes | memoryview] | None = None) -> tuple[int, bool]:
+        """Record a received object; (job id, True) when new, (existing id, False) for a SOP Instance seen before.
+        `objects` (key: bytes), for the PostgreSQL store (`node.store`): kept in the queue's database in the same
+        transaction as a new job, so that the job and its object are one commit; a queue that cannot keep
+        objects (SQLite) raises QueueError."""
 
     def claim(self, limit: int, node_id: str, lease_s: float) -> list[Job]:
         """Atomically take up to `limit` jobs to analyse, oldest first: `received` ones, and `inferring` / `writing`

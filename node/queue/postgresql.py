@@ -57,7 +57,8 @@ class PostgreSQLQueue:
         self.url = url
         self.name = redacted(url)
         self._listener: Listener | None = None
-        self._migrate(timeout_s)
+        self.shared = True  # any number of nodes, on any hosts
+        migrate(url, timeout_s)
         self._pool = ConnectionPool(
             url,
             kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": max(1, round(timeout_s))},
@@ -73,39 +74,6 @@ class PostgreSQLQueue:
         except PoolTimeout as error:
             self._pool.close()
             raise QueueUnavailable(f"{self.name}: no connection within {timeout_s * 2:.0f} s") from error
-
-    def _migrate(self, timeout_s: float) -> None:
-        known = migrations("postgresql")
-        try:
-            with psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, round(timeout_s))) as db:
-                with db.transaction():
-                    db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-                    db.execute(
-                        "CREATE TABLE IF NOT EXISTS cxrnode_schema (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
-                        " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-                    )
-                    applied = {int(row[0]) for row in db.execute("SELECT version FROM cxrnode_schema")}
-                    newest = max(applied, default=0)
-                    if newest > len(known):
-                        raise QueueSchemaError(
-                            f"{self.name}: schema version {newest} was written by a newer cxrnode (this one knows up "
-                            f"to {len(known)}); run that version, or a newer one"
-                        )
-                    for migration in known:
-                        if migration.version not in applied:
-                            db.execute(migration.sql.encode())  # several statements, no parameters
-                            db.execute(
-                                "INSERT INTO cxrnode_schema (version, name) VALUES (%s, %s)",
-                                (migration.version, migration.name),
-                            )
-                            log.info("%s: schema migration %s applied", self.name, migration.name)
-        except psycopg.OperationalError as error:
-            raise QueueUnavailable(
-                f"{self.name}: cannot connect ({str(error).strip()}); check that PostgreSQL runs there and that the "
-                "user, the password (in the URL, PGPASSWORD or ~/.pgpass) and the database are right"
-            ) from error
-        except psycopg.Error as error:
-            raise QueueSchemaError(f"{self.name}: cannot create the job tables ({str(error).strip()})") from error
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection[Row]]:
@@ -134,7 +102,7 @@ class PostgreSQLQueue:
 
     # -- the Queue contract -----------------------------------------------------------------------------------------
 
-    def add(self, job: NewJob) -> tuple[int, bool]:
+    def add(self, job: NewJob, objects: Mapping[str, bytes | memoryview] | None = None) -> tuple[int, bool]:
         with self._transaction() as db:
             row = db.execute(
                 "INSERT INTO jobs (sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid,"
@@ -160,6 +128,12 @@ class PostgreSQLQueue:
             if row is None:
                 existing = db.execute("SELECT id FROM jobs WHERE sop_instance_uid = %s", (job.sop_instance_uid,))
                 return int(existing.fetchone()["id"]), False  # type: ignore[index]
+            for key, data in (objects or {}).items():  # the PostgreSQL store's table: one commit with the job
+                db.execute(
+                    f"INSERT INTO objects (key, data, stored_at) VALUES (%s, %b, {NOW}) ON CONFLICT (key)"
+                    " DO UPDATE SET data = EXCLUDED.data, stored_at = EXCLUDED.stored_at",
+                    (key, data),
+                )
             self._notify(db, job.state)
             return int(row["id"]), True
 
@@ -362,6 +336,43 @@ class PostgreSQLQueue:
         if self._listener is not None:
             self._listener.close()
         self._pool.close()
+
+
+def migrate(url: str, timeout_s: float = 5.0) -> None:
+    """Apply the migrations the database lacks, under an advisory lock (the queue and the PostgreSQL store both
+    call it when they open)."""
+    name = redacted(url)
+    known = migrations("postgresql")
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=max(1, round(timeout_s))) as db:
+            with db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS cxrnode_schema (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+                    " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+                )
+                applied = {int(row[0]) for row in db.execute("SELECT version FROM cxrnode_schema")}
+                newest = max(applied, default=0)
+                if newest > len(known):
+                    raise QueueSchemaError(
+                        f"{name}: schema version {newest} was written by a newer cxrnode (this one knows up "
+                        f"to {len(known)}); run that version, or a newer one"
+                    )
+                for migration in known:
+                    if migration.version not in applied:
+                        db.execute(migration.sql.encode())  # several statements, no parameters
+                        db.execute(
+                            "INSERT INTO cxrnode_schema (version, name) VALUES (%s, %s)",
+                            (migration.version, migration.name),
+                        )
+                        log.info("%s: schema migration %s applied", name, migration.name)
+    except psycopg.OperationalError as error:
+        raise QueueUnavailable(
+            f"{name}: cannot connect ({str(error).strip()}); check that PostgreSQL runs there and that the "
+            "user, the password (in the URL, PGPASSWORD or ~/.pgpass) and the database are right"
+        ) from error
+    except psycopg.Error as error:
+        raise QueueSchemaError(f"{name}: cannot create the job tables ({str(error).strip()})") from error
 
 
 def _job(row: Row) -> Job:

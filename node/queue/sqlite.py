@@ -48,6 +48,7 @@ HELD = ",".join(f"'{s.value}'" for s in LEASED)
 class SQLiteQueue:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.shared = False  # the processes of one host
         self._idle: list[sqlite3.Connection] = []  # the pool: connections no caller holds
         self._opened: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -150,7 +151,9 @@ class SQLiteQueue:
 
     # -- the Queue contract -----------------------------------------------------------------------------------------
 
-    def add(self, job: NewJob) -> tuple[int, bool]:
+    def add(self, job: NewJob, objects: Mapping[str, bytes | memoryview] | None = None) -> tuple[int, bool]:
+        if objects:
+            raise QueueError(f"{self.path}: a SQLite queue keeps no objects; use a file:// store with it")
         now = time.time()
         with self._transaction() as db:
             row = db.execute("SELECT id FROM jobs WHERE sop_instance_uid = ?", (job.sop_instance_uid,)).fetchone()
