@@ -119,7 +119,9 @@ def test_jobs_waiting_for_an_association_that_fails_fail_together(images: list[P
         finally:
             stopping.set()
             worker.join(10)
-    assert all(error is not None and "no answer within 2 s" in str(error) for _, error, _ in outcomes.seen), outcomes.seen
+    assert all(error is not None and "no answer within 2 s" in str(error) for _, error, _ in outcomes.seen), (
+        outcomes.seen
+    )
     assert max(at for _, _, at in outcomes.seen) - started < 2 * 2.0  # one timeout for all, not one each
 
 
@@ -164,7 +166,7 @@ def test_a_silent_destination_delays_only_its_own_results(images: list[Path], tm
                 assert delivered_at < first_failure, f"job {job}: live results waited for the silent destination"
             # The silent destination is retried, and only it: the live one keeps exactly one copy of each result.
             wait_until(
-                lambda: all(j["attempts"] >= 2 for j in jobs(node)),
+                lambda: all(j["attempts"] >= 1 for j in jobs(node)) and any(j["attempts"] >= 2 for j in jobs(node)),
                 timeout=120,
                 what="retries to the silent destination",
             )
