@@ -28,7 +28,7 @@ from node.config import SenderSettings, Settings
 from node.delivery import DeliveryError, DestinationWorker, Parcel, client_tls_context, store
 from node.faults import crash_point
 from node.metrics import Metrics
-from node.queue import Job, JobState, Queue, ResultObject, WakeUp
+from node.queue import Job, JobState, Queue, QueueError, ResultObject, WakeUp
 from node.queue.leases import LeaseKeeper
 from node.spool import Spool
 
@@ -119,7 +119,11 @@ class Sender:
                 jobs = self.queue.claim_due(time.time(), CLAIM_LIMIT, self.node_id, self.settings().queue.lease_s)
                 self.leases.hold(job.id for job in jobs)
                 for job in jobs:
-                    self.dispatch(job)
+                    try:
+                        self.dispatch(job)
+                    except Exception:
+                        log.exception("sender: job=%d could not be handed out; taken again when its lease ends", job.id)
+                        self.leases.let_go([job.id])
                 if not jobs:
                     # Poll at least every second: `cxrnode resend` (another process) changes the queue directly.
                     self.wake.wait(timeout=1.0)
@@ -195,10 +199,11 @@ class Sender:
                 " ".join(f"{kind}={uid}" for kind, uid in uids.items()),
             )
             self.audit.record("delivery", outcome="delivered", **audited, **source, results=uids)
-            if not self.queue.add_delivered(job.id, peer.name, node_id=self.node_id):
-                log.warning(
-                    "job=%d: no longer held by %s; its delivery to %s is not recorded", job.id, self.node_id, peer.name
-                )
+            try:
+                if not self.queue.add_delivered(job.id, peer.name, node_id=self.node_id):
+                    log.warning("job=%d: no longer held by %s; %s is not recorded", job.id, self.node_id, peer.name)
+            except QueueError as queue_error:  # recorded with the attempt below, or sent again: never lost
+                log.warning("job=%d: cannot record the delivery to %s yet: %s", job.id, peer.name, queue_error)
         else:
             self.metrics.send_failures.labels(destination=peer.name).inc()
             self._note(peer.name, last_error=f"{_now()} {error}"[:300])
@@ -214,7 +219,15 @@ class Sender:
             if finished:
                 del self._attempts[job.id]
         if finished:
-            self._finish(attempt)
+            try:
+                self._finish(attempt)
+            except QueueError as queue_error:
+                log.error(
+                    "job=%d: cannot record its delivery attempt (%s); tried again when its lease ends",
+                    job.id,
+                    queue_error,
+                )
+                self.leases.let_go([job.id])
 
     def _finish(self, attempt: Attempt) -> None:
         """Every destination of the job has answered: record the attempt (done, again later, or dead)."""
