@@ -1,40 +1,43 @@
 """The sender: delivers each job's result objects to its destinations, with retries: by C-STORE, or by DICOMweb
 STOW-RS (node.stow_client) to a destination with a url.
 
+One thread hands out the work: it claims due jobs (held with a lease, node.queue) and puts each destination's part
+in that destination's inbox (node.delivery.DestinationWorker: one thread per destination, its association kept open
+while work keeps coming), so a destination that is down delays only its own results. Each destination's delivery is
+recorded as it happens (`Queue.add_delivered`); when every destination of the job has answered, the attempt is
+recorded (`Queue.record_attempt`).
+
 A C-STORE destination has a job's results when every object was answered with Success or one of the storage
-warnings 0xB000 / 0xB006 / 0xB007; a STOW-RS destination when it lists every one as stored. Otherwise the job is tried again after base × factor^(attempt-1) seconds (at most
-max_delay), and after max_attempts it is `dead` with the last error; `cxrnode resend` revives it.
+warnings 0xB000 / 0xB006 / 0xB007; a STOW-RS destination when it lists every one as stored. Otherwise the job is
+tried again, for the destinations that lack them, after base × factor^(attempt-1) seconds (at most max_delay), and
+after max_attempts it is `dead` with the last error; `cxrnode resend` revives it.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
-
 from node.audit import AuditLog
-from node.config import Peer, SenderSettings, Settings, TLSSettings
+from node.config import SenderSettings, Settings
+from node.delivery import DeliveryError, DestinationWorker, Parcel, client_tls_context, store
 from node.faults import crash_point
 from node.metrics import Metrics
-from node.queue import Job, JobState, Queue, WakeUp
+from node.queue import Job, JobState, Queue, QueueError, ResultObject, WakeUp
 from node.queue.leases import LeaseKeeper
-from node.statuses import DELIVERED
 from node.store import Store, readable
-from node.stow_client import store_dicomweb
 
 log = logging.getLogger(__name__)
 
+__all__ = ["DeliveryError", "Sender", "backoff", "client_tls_context", "result_file", "store"]
 
-class DeliveryError(Exception):
-    """A destination did not take the results; the message says which object and why."""
+CLAIM_LIMIT = 32
 
 
 def backoff(settings: SenderSettings, attempts: int) -> float:
@@ -42,59 +45,23 @@ def backoff(settings: SenderSettings, attempts: int) -> float:
     return float(min(settings.retry_max_delay_s, settings.retry_base_s * settings.retry_factor ** (attempts - 1)))
 
 
-def client_tls_context(tls: TLSSettings) -> ssl.SSLContext:
-    """TLS 1.2+ client context: our certificate for destinations that ask, theirs checked against our CAs."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = False  # DICOM peers are configured by address; trust comes from the CA
-    if tls.certificate is not None and tls.private_key is not None:
-        context.load_cert_chain(tls.certificate, tls.private_key)
-    if tls.verify_destinations:
-        context.verify_mode = ssl.CERT_REQUIRED
-        if tls.ca_certificates is not None:
-            context.load_verify_locations(tls.ca_certificates)
-        else:
-            context.load_default_certs()
-    else:
-        context.verify_mode = ssl.CERT_NONE
-    return context
+def result_file(store: Store, result: ResultObject) -> Path | BytesIO:
+    """A result object to send (the one place the sender finds result files): the file itself when the store keeps
+    files (streamed as it is), else the object read into memory."""
+    return store.local_path(result.path) or readable(store, result.path)
 
 
-def store(
-    peer: Peer,
-    paths: Sequence[Path],
-    *,
-    calling_ae: str,
-    timeout: float,
-    sop_classes: Sequence[str],
-    tls: ssl.SSLContext | None = None,
-) -> None:
-    """Send `paths` to `peer` in one association, proposing exactly their SOP classes in Explicit and Implicit VR
-    Little Endian. Raises DeliveryError unless every object is delivered."""
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    for sop_class in sorted(set(sop_classes)):
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(
-        peer.host, peer.port, ae_title=peer.ae_title, tls_args=(tls, None) if tls is not None else None
-    )
-    if not assoc.is_established:
-        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
-        raise DeliveryError(f"association with {peer.ae_title}@{peer.host}:{peer.port} failed ({reason})")
-    try:
-        for path in paths:
-            ds = dcmread(path)
-            status = assoc.send_c_store(ds)
-            if "Status" not in status:
-                raise DeliveryError(f"{path.name}: no C-STORE response from {peer.ae_title} (timeout or abort)")
-            if int(status.Status) not in DELIVERED:
-                comment = status.get("ErrorComment", "")
-                raise DeliveryError(
-                    f"{path.name}: {peer.ae_title} answered 0x{int(status.Status):04X} {comment}".strip()
-                )
-    finally:
-        if assoc.is_established:
-            assoc.release()
+@dataclass
+class Attempt:
+    """One delivery attempt of a job, while its destinations answer."""
+
+    job: Job
+    settings: Settings
+    waiting: set[str]
+    """Destinations that have not answered yet."""
+    delivered: set[str]
+    errors: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
 
 
 class Sender:
@@ -116,7 +83,9 @@ class Sender:
         self.node_id = settings().queue.node_id
         self.leases = LeaseKeeper(queue, self.node_id, settings().queue.lease_s)  # no other sender takes ours
         self._state: dict[str, dict[str, str]] = {}
-        self._state_lock = threading.Lock()
+        self._lock = threading.Lock()  # _state, _attempts, _workers
+        self._attempts: dict[int, Attempt] = {}
+        self._workers: dict[str, DestinationWorker] = {}
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="sender", daemon=True)
 
@@ -126,28 +95,37 @@ class Sender:
 
     def destination_state(self) -> dict[str, dict[str, str]]:
         """Per destination: when it last took results, and the last error (for the status page)."""
-        with self._state_lock:
+        with self._lock:
             return {name: dict(state) for name, state in self._state.items()}
 
     def _note(self, destination: str, **fields: str) -> None:
-        with self._state_lock:
+        with self._lock:
             self._state.setdefault(destination, {}).update(fields)
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Finish the transfers in flight (each destination's current job), then stop; jobs not begun stay held
+        until their leases end, and the next start sends them."""
+        deadline = time.monotonic() + timeout
         self.stopping.set()
         self.wake.set()
         self.thread.join(timeout)
+        with self._lock:
+            workers = list(self._workers.values())
+        for worker in workers:
+            worker.join(max(0.1, deadline - time.monotonic()))
         self.leases.stop()
 
     def _run(self) -> None:
         while not self.stopping.is_set():
             try:
-                jobs = self.queue.claim_due(time.time(), 32, self.node_id, self.settings().queue.lease_s)
+                jobs = self.queue.claim_due(time.time(), CLAIM_LIMIT, self.node_id, self.settings().queue.lease_s)
                 self.leases.hold(job.id for job in jobs)
                 for job in jobs:
-                    if self.stopping.is_set():
-                        return
-                    self.deliver(job)
+                    try:
+                        self.dispatch(job)
+                    except Exception:
+                        log.exception("sender: job=%d could not be handed out; taken again when its lease ends", job.id)
+                        self.leases.let_go([job.id])
                 if not jobs:
                     # Poll at least every second: `cxrnode resend` (another process) changes the queue directly.
                     self.wake.wait(timeout=1.0)
@@ -156,12 +134,10 @@ class Sender:
                 log.exception("sender: unexpected error; retrying in 5 s")
                 self.stopping.wait(5.0)
 
-    def deliver(self, job: Job) -> None:
+    def dispatch(self, job: Job) -> None:
+        """Put the job's results in the inbox of each destination that lacks them."""
         settings = self.settings()
         destinations = settings.destinations_for(job.calling_ae)
-        delivered = set(job.delivered)
-        errors = []
-        started = time.perf_counter()
         missing = [r.path for r in job.results if not self.store.exists(r.path)]
         written = {r.kind for r in job.results}
         wanted = {kind for peer in destinations for kind in settings.objects_for(peer)}
@@ -170,79 +146,105 @@ class Sender:
             log.warning("job=%d: %s (routing or output profiles changed?); analysing again", job.id, why)
             self.queue.set_state(job.id, JobState.RECEIVED, node_id=self.node_id, error=why)
             return
-        for peer in destinations:
-            if peer.name in delivered:
-                continue
-            profile = settings.objects_for(peer)
-            results = [r for r in job.results if r.kind in profile]
-            paths = [readable(self.store, r.path) for r in results]  # in-memory files, named like the key
-            attempt_started = time.perf_counter()
-            try:
-                if peer.url:
-                    store_dicomweb(peer, paths, timeout=settings.sender.timeout_s, tls=settings.tls)
-                else:
-                    store(
-                        peer,
-                        paths,
-                        calling_ae=settings.sender.calling_ae_title or settings.node.ae_title,
-                        timeout=settings.sender.timeout_s,
-                        sop_classes=[r.sop_class_uid for r in results],
-                        tls=client_tls_context(settings.tls) if peer.tls else None,
-                    )
-                crash_point("sending")
-            except Exception as error:  # DeliveryError, STOWError, or a network error pynetdicom raised
-                errors.append(f"{peer.name}: {error}")
-                self.metrics.send_failures.labels(destination=peer.name).inc()
-                self._note(peer.name, last_error=f"{_now()} {error}"[:300])
-                self.audit.record(
-                    "delivery",
-                    outcome="failed",
-                    job=job.id,
-                    destination=peer.name,
-                    ae_title=peer.ae_title,
-                    address=peer.url or f"{peer.host}:{peer.port}",
-                    reason=str(error)[:300],
-                    source_sop_instance_uid=job.sop_instance_uid,
-                    study_instance_uid=job.study_instance_uid,
-                    results={r.kind: r.sop_instance_uid for r in results},
+        todo = [peer for peer in destinations if peer.name not in job.delivered]
+        attempt = Attempt(job, settings, waiting={peer.name for peer in todo}, delivered=set(job.delivered))
+        with self._lock:
+            if job.id in self._attempts:
+                return  # already on its way (claimed again after a lost lease): its attempt records it
+            if todo:
+                self._attempts[job.id] = attempt
+        if not todo:
+            self._finish(attempt)
+            return
+        for peer in todo:
+            results = tuple(r for r in job.results if r.kind in settings.objects_for(peer))
+            self._worker(peer.name).put(
+                Parcel(
+                    job=job,
+                    peer=peer,
+                    results=results,
+                    paths=tuple(result_file(self.store, r) for r in results),
+                    calling_ae=settings.sender.calling_ae_title or settings.node.ae_title,
+                    timeout=settings.sender.timeout_s,
+                    tls=settings.tls,
                 )
-                continue
-            delivered.add(peer.name)
-            self.metrics.send_seconds.labels(destination=peer.name).observe(time.perf_counter() - attempt_started)
+            )
+
+    def _worker(self, destination: str) -> DestinationWorker:
+        with self._lock:
+            worker = self._workers.get(destination)
+            if worker is None:
+                worker = self._workers[destination] = DestinationWorker(destination, self._report, self.stopping)
+                worker.start()
+            return worker
+
+    def _report(self, parcel: Parcel, error: Exception | None, seconds: float) -> None:
+        """A destination's worker answered for one job (in that worker's thread)."""
+        job, peer = parcel.job, parcel.peer
+        audited = {
+            "job": job.id,
+            "destination": peer.name,
+            "ae_title": peer.ae_title,
+            "address": peer.url or f"{peer.host}:{peer.port}",
+        }
+        uids = {r.kind: r.sop_instance_uid for r in parcel.results}
+        source = {"source_sop_instance_uid": job.sop_instance_uid, "study_instance_uid": job.study_instance_uid}
+        if error is None:
+            crash_point("sending")
+            self.metrics.send_seconds.labels(destination=peer.name).observe(seconds)
             self._note(peer.name, last_delivered=_now(), last_error="")
             log.info(
                 "job=%d delivered to %s (%s): %s",
                 job.id,
                 peer.name,
                 peer.where,
-                " ".join(f"{r.kind}={r.sop_instance_uid}" for r in results),
+                " ".join(f"{kind}={uid}" for kind, uid in uids.items()),
             )
-            self.audit.record(
-                "delivery",
-                outcome="delivered",
-                job=job.id,
-                destination=peer.name,
-                ae_title=peer.ae_title,
-                address=peer.url or f"{peer.host}:{peer.port}",
-                source_sop_instance_uid=job.sop_instance_uid,
-                study_instance_uid=job.study_instance_uid,
-                results={r.kind: r.sop_instance_uid for r in results},
-            )
-        self.queue.add_timing(job.id, "sending", time.perf_counter() - started)
-        if not errors:
-            self.queue.record_attempt(
-                job.id,
-                delivered=sorted(delivered),
-                error=None,
-                next_attempt_at=0,
-                state=JobState.DONE,
-                node_id=self.node_id,
-            )
-            if job.spool_path:
-                self.store.delete(job.spool_path)
+            self.audit.record("delivery", outcome="delivered", **audited, **source, results=uids)
+            try:
+                if not self.queue.add_delivered(job.id, peer.name, node_id=self.node_id):
+                    log.warning("job=%d: no longer held by %s; %s is not recorded", job.id, self.node_id, peer.name)
+            except QueueError as queue_error:  # recorded with the attempt below, or sent again: never lost
+                log.warning("job=%d: cannot record the delivery to %s yet: %s", job.id, peer.name, queue_error)
+        else:
+            self.metrics.send_failures.labels(destination=peer.name).inc()
+            self._note(peer.name, last_error=f"{_now()} {error}"[:300])
+            self.audit.record("delivery", outcome="failed", **audited, reason=str(error)[:300], **source, results=uids)
+        with self._lock:
+            attempt = self._attempts[job.id]
+            attempt.waiting.discard(peer.name)
+            if error is None:
+                attempt.delivered.add(peer.name)
+            else:
+                attempt.errors.append(f"{peer.name}: {error}")
+            finished = not attempt.waiting
+            if finished:
+                del self._attempts[job.id]
+        if finished:
+            try:
+                self._finish(attempt)
+            except QueueError as queue_error:
+                log.error(
+                    "job=%d: cannot record its delivery attempt (%s); tried again when its lease ends",
+                    job.id,
+                    queue_error,
+                )
+                self.leases.let_go([job.id])
+
+    def _finish(self, attempt: Attempt) -> None:
+        """Every destination of the job has answered: record the attempt (done, again later, or dead)."""
+        job, settings = attempt.job, attempt.settings
+        self.queue.add_timing(job.id, "sending", time.perf_counter() - attempt.started)
+        delivered = sorted(attempt.delivered)
+        if not attempt.errors:
+            if self.queue.record_attempt(
+                job.id, delivered=delivered, error=None, next_attempt_at=0, state=JobState.DONE, node_id=self.node_id
+            ):
+                if job.spool_path:
+                    self.store.delete(job.spool_path)
             return
         attempts = job.attempts + 1
-        error = "; ".join(errors)
+        error = "; ".join(sorted(attempt.errors))
         if attempts >= settings.sender.max_attempts:
             log.error("job=%d dead after %d attempts: %s", job.id, attempts, error)
             self.metrics.dead.inc()
@@ -255,19 +257,14 @@ class Sender:
                 source_sop_instance_uid=job.sop_instance_uid,
             )
             self.queue.record_attempt(
-                job.id,
-                delivered=sorted(delivered),
-                error=error,
-                next_attempt_at=0,
-                state=JobState.DEAD,
-                node_id=self.node_id,
+                job.id, delivered=delivered, error=error, next_attempt_at=0, state=JobState.DEAD, node_id=self.node_id
             )
             return
         delay = backoff(settings.sender, attempts)
         log.warning("job=%d attempt %d failed, next in %.0f s: %s", job.id, attempts, delay, error)
         self.queue.record_attempt(
             job.id,
-            delivered=sorted(delivered),
+            delivered=delivered,
             error=error,
             next_attempt_at=time.time() + delay,
             state=JobState.SENDING,

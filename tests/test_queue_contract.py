@@ -236,6 +236,39 @@ def test_two_senders_never_get_the_same_job(open_queue: Opener) -> None:
     assert b.get(ids[1]).delivered == ("pacs",)  # type: ignore[union-attr]
 
 
+def test_two_destination_workers_never_overwrite_each_others_progress(open_queue: Opener) -> None:
+    """node.sender: each destination's worker records its own delivery as it happens (`add_delivered`), on handles
+    of its own and at the same time; every name stays, once, and only the job's holder may add one."""
+    holder, other = open_queue(), open_queue()
+    job_id = to_sending(holder, "1.1")
+    [job] = holder.claim_due(time.time(), 1, "node-a", 30)
+    names = [f"pacs-{n:02d}" for n in range(12)]
+    handles = [open_queue() for _ in names]
+    start = threading.Barrier(len(names))
+    added: list[bool] = []
+
+    def deliver(queue: Queue, name: str) -> None:
+        start.wait()
+        added.append(queue.add_delivered(job_id, name, node_id="node-a"))
+
+    threads = [threading.Thread(target=deliver, args=pair) for pair in zip(handles, names, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert added == [True] * len(names)
+    assert holder.add_delivered(job_id, "pacs-00", node_id="node-a")  # again: still once
+    assert not other.add_delivered(job_id, "intruder", node_id="node-b")  # not the holder
+    stored = other.get(job_id)
+    assert stored is not None and stored.delivered == tuple(names)
+    assert stored.owner == "node-a" and stored.state is JobState.SENDING  # still held: the attempt goes on
+    assert holder.record_attempt(
+        job_id, delivered=names, error=None, next_attempt_at=0, state=JobState.DONE, node_id="node-a"
+    )
+    assert not holder.add_delivered(job_id, "late", node_id="node-a")  # done: nothing more to add
+    assert other.get(job_id).delivered == tuple(names)  # type: ignore[union-attr]
+
+
 def test_a_dead_senders_jobs_are_sent_by_another(open_queue: Opener) -> None:
     a, b = open_queue(), open_queue()
     job_id = to_sending(a, "1.1")

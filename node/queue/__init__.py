@@ -236,6 +236,12 @@ class Queue(Protocol):
         (sending, done or dead); lets go of the lease. Only if the job is still in `sending` (and held by `node_id`,
         when given). Returns whether it was recorded."""
 
+    def add_delivered(self, job_id: int, destination: str, *, node_id: str) -> bool:
+        """While `node_id` holds the job in `sending`: add `destination` to its `delivered` names (kept sorted, each
+        once), in one step on the stored list, so that the workers of two destinations of one job never overwrite
+        each other's progress. The lease and everything else stay as they are (`record_attempt` ends the attempt).
+        Returns whether it was recorded (False: the job moved on, or another node took it over)."""
+
     def add_timing(self, job_id: int, stage: str, seconds: float) -> None: ...
 
     def get(self, job_id: int) -> Job | None: ...

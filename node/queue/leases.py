@@ -38,6 +38,11 @@ class LeaseKeeper:
         with self._lock:
             self._held.update(job_ids)
 
+    def let_go(self, job_ids: Iterable[int]) -> None:
+        """Stop renewing these jobs: their leases end and anyone may take them then (after a failure to record)."""
+        with self._lock:
+            self._held.difference_update(job_ids)
+
     def held(self) -> set[int]:
         with self._lock:
             return set(self._held)

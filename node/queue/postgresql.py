@@ -242,6 +242,17 @@ class PostgreSQLQueue:
             node_id,
         )
 
+    def add_delivered(self, job_id: int, destination: str, *, node_id: str) -> bool:
+        # One UPDATE: a concurrent one waits for the row lock and is then evaluated again on the row as it now is.
+        return self._compare_and_set(
+            "UPDATE jobs SET delivered = (SELECT jsonb_agg(name ORDER BY name) FROM"
+            " (SELECT jsonb_array_elements_text(jobs.delivered) UNION SELECT %s::text) AS names(name)),"
+            f" updated_at = {NOW} WHERE id = %s",
+            [destination, job_id],
+            JobState.SENDING,
+            node_id,
+        )
+
     def add_timing(self, job_id: int, stage: str, seconds: float) -> None:
         self._all(
             "UPDATE jobs SET timings = jsonb_set(timings, ARRAY[%(stage)s],"

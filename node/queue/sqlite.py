@@ -303,6 +303,19 @@ class SQLiteQueue:
         with self._transaction() as db:
             return db.execute(sql, params).rowcount == 1
 
+    def add_delivered(self, job_id: int, destination: str, *, node_id: str) -> bool:
+        with self._transaction() as db:  # BEGIN IMMEDIATE: nobody writes between the read and the write
+            row = db.execute(
+                "SELECT delivered FROM jobs WHERE id = ? AND state = 'sending' AND owner = ?", (job_id, node_id)
+            ).fetchone()
+            if row is None:
+                return False
+            names = sorted(set(json.loads(row["delivered"])) | {destination})
+            db.execute(
+                "UPDATE jobs SET delivered = ?, updated_at = ? WHERE id = ?", (json.dumps(names), time.time(), job_id)
+            )
+        return True
+
     def add_timing(self, job_id: int, stage: str, seconds: float) -> None:
         with self._transaction() as db:
             row = db.execute("SELECT timings FROM jobs WHERE id = ?", (job_id,)).fetchone()

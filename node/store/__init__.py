@@ -152,6 +152,10 @@ class Store(Protocol):
     def where(self, key: str | None = None) -> str:
         """Where the object under `key` (or the store) is, in words, for messages and logs."""
 
+    def local_path(self, key: str) -> Path | None:
+        """The file that holds the object under `key`, when the store keeps objects as local files (the sender
+        streams it as it is); None otherwise."""
+
     def close(self) -> None: ...
 
 

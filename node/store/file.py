@@ -154,6 +154,9 @@ class FileStore:
         stats = os.statvfs(self.spool if self.spool.exists() else self.folder)
         return stats.f_bavail * stats.f_frsize, stats.f_blocks * stats.f_frsize
 
+    def local_path(self, key: str) -> Path | None:
+        return self.path(key)
+
     def where(self, key: str | None = None) -> str:
         return str(self.folder / key) if key else str(self.folder)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -111,6 +112,9 @@ class PostgreSQLStore:
 
     def space(self) -> tuple[int, int] | None:
         return None
+
+    def local_path(self, key: str) -> Path | None:
+        return None  # objects are rows: the sender reads them into memory
 
     def where(self, key: str | None = None) -> str:
         return f"{self.url} (table objects{f', key {key}' if key else ''})"
