@@ -62,12 +62,3 @@ def barrier(world: World) -> None:
 def stop(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def broadcast_flag(world: World, value: bool) -> bool:
-    """Rank 0's `value` on every rank (e.g. 'stop now')."""
-    if not world.distributed:
-        return value
-    flag = torch.tensor([int(value)])
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
