@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -163,34 +164,53 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None,
     device: torch.device,
     progress: bool,
+    accumulate: int = 1,
+    before_micro_step: Callable[[int, int], None] | None = None,
 ) -> tuple[float, int]:
-    """One pass over `batches`; `step(model, batch)` returns the loss. Returns (mean loss, iterations done so far)."""
+    """One pass over `batches`; `step(model, batch)` returns the loss. Returns (mean loss, iterations done so far).
+
+    With `accumulate` N, the gradients of N consecutive batches (each loss divided by N) make one optimizer step;
+    a trailing incomplete group is dropped. Under DistributedDataParallel the gradients are averaged across ranks
+    only on the group's last batch (`no_sync` before). `before_micro_step(iteration, j)` runs before batch j of each
+    group (the detector reseeds its sampling RNG there, so that runs are reproducible across ranks and resumes)."""
     model.train()
     total, count = 0.0, 0
     iteration = first_iteration
     bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True)
+    micro = 0
+    optimizer.zero_grad(set_to_none=True)
     for batch in bar:
         warm = min(1.0, (iteration + 1) / warmup_iters) if warmup_iters else 1.0
         for group in optimizer.param_groups:
             group["lr"] = lr * warm
-        with torch.autocast(device.type, enabled=scaler is not None):
-            loss = step(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss became {float(loss)} at epoch {epoch + 1}, iteration {iteration}; lower the learning rate"
-            )
-        optimizer.zero_grad(set_to_none=True)
+        if before_micro_step is not None:
+            before_micro_step(iteration, micro)
+        last = micro == accumulate - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with torch.autocast(device.type, enabled=scaler is not None):
+                loss = step(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {float(loss)} at epoch {epoch + 1}, iteration {iteration}; lower the learning rate"
+                )
+            scaled = loss / accumulate
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total += float(loss.detach())
+        micro += 1
+        if not last:
+            continue
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
-        total += float(loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        micro = 0
         count += 1
         iteration += 1
-        bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr * warm:.2g}")
+        bar.set_postfix(loss=f"{total / (count * accumulate):.4f}", lr=f"{lr * warm:.2g}")
         if max_iters and count >= max_iters:
             break
-    return (total / count if count else float("nan")), iteration
+    optimizer.zero_grad(set_to_none=True)
+    return (total / (count * accumulate) if count else float("nan")), iteration

@@ -1,9 +1,12 @@
 """Evaluate weights on a dataset: detection, image-level decision, lung masks and severity.
 
-    cxrnode evaluate DATASET [--weights DIR] [--json OUT] [--split all|holdout]
+    cxrnode evaluate DATASET [--weights DIR] [--json OUT] [--split all|holdout|validation|train]
 
-DATASET is either an RSNA-layout folder (stage_2_train_labels.csv + stage_2_train_images/, and optionally the
-lung_masks/ and severity.csv that `cxrnode synth` writes) or a folder of lung image + mask pairs (lung Dice only).
+DATASET is an RSNA-layout folder (stage_2_train_labels.csv + stage_2_train_images/, and optionally the
+lung_masks/ and severity.csv that `cxrnode synth` writes), a real-opacity folder (real radiographs with opacity and
+lung masks, normals; its fixed held-out split by default, see `models.evaluate_real` for the keys it adds, and with
+--json a ROC curve and a worst-cases sheet as PNG beside the JSON) or a folder of lung image + mask pairs (lung Dice
+only).
 
 Keys of the JSON (null where the dataset has no ground truth for it):
     rsna_map      the RSNA challenge metric (mean over IoU 0.40-0.75 of TP/(TP+FP+FN), per image, then over images)
@@ -28,14 +31,17 @@ import numpy as np
 from tqdm import tqdm
 
 from models.data.lungs import is_holdout, read_gray, read_mask, read_pairs, split_lungs
+from models.data.real_opacity import is_real_opacity
 from models.data.rsna import IMAGES, corners, load_image, read_dataset
 from models.errors import DatasetError
+from models.evaluate_real import evaluate_real
 from models.metrics import ImageDetections, dice, map50, roc_auc, rsna_map
 from models.predict import Predictor
 
 log = logging.getLogger(__name__)
 
 KEYS = ("rsna_map", "map50", "auc", "lung_dice", "severity_mae", "n_images")
+REAL_KEYS = ("auc_all_negatives", "sensitivity", "fp_rate_normals", "fp_rate_not_normal", "severity_mae_normals")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -48,9 +54,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
     parser.add_argument(
         "--split",
-        choices=("all", "holdout"),
-        default="all",
-        help="holdout: only the fixed 20%% held out from training by models.data.lungs.is_holdout",
+        choices=("all", "holdout", "validation", "train"),
+        help="real-opacity sets: the patient split to score (default holdout, never trained on); other sets: all "
+        "(default) or holdout, the fixed 20%% held out from training by models.data.lungs.is_holdout",
     )
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -63,6 +69,8 @@ def _lung_dice(right: np.ndarray, left: np.ndarray, truth: np.ndarray) -> float:
 
 def evaluate_rsna(predictor: Predictor, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     records = read_dataset(root)
+    if args.split not in (None, "all", "holdout"):
+        raise DatasetError(f"{root}: --split {args.split} exists only for real-opacity folders; use all or holdout")
     if args.split == "holdout":
         records = [r for r in records if is_holdout(r.patient_id)]
     if args.limit:
@@ -108,6 +116,8 @@ def evaluate_rsna(predictor: Predictor, root: Path, args: argparse.Namespace) ->
 
 def evaluate_pairs(predictor: Predictor, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     pairs = read_pairs(root)
+    if args.split not in (None, "all", "holdout"):
+        raise DatasetError(f"{root}: --split {args.split} exists only for real-opacity folders; use all or holdout")
     if args.split == "holdout":
         pairs = [p for p in pairs if is_holdout(p.name)]
     if args.limit:
@@ -135,13 +145,15 @@ def evaluate_pairs(predictor: Predictor, root: Path, args: argparse.Namespace) -
 def evaluate(dataset: Path, args: argparse.Namespace) -> dict[str, Any]:
     predictor = Predictor.load(args.weights, device=args.device)
     started = time.perf_counter()
-    if (dataset / IMAGES).is_dir():
+    if is_real_opacity(dataset):
+        results = evaluate_real(predictor, dataset, args)
+    elif (dataset / IMAGES).is_dir():
         results = evaluate_rsna(predictor, dataset, args)
     else:
         results = evaluate_pairs(predictor, dataset, args)
     results.update(
         dataset=str(dataset),
-        split=args.split,
+        split=results.get("split") or args.split or "all",
         model_version=predictor.model_version,
         seconds=round(time.perf_counter() - started, 1),
     )
@@ -156,12 +168,27 @@ def format_table(results: dict[str, Any]) -> str:
         "lung_dice": "lung Dice (per lung)",
         "severity_mae": "severity MAE (points)",
         "n_images": "images",
+        "auc_all_negatives": "ROC AUC, all negatives",
+        "sensitivity": "sensitivity at 'present'",
+        "fp_rate_normals": "false-positive rate, normals",
+        "fp_rate_not_normal": "false-positive rate, RSNA not normal",
+        "severity_mae_normals": "severity MAE on normals (points)",
     }
+
+    def text(value: Any) -> str:
+        return "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+
     lines = [f"{'metric':<38} value", "-" * 48]
-    for key in KEYS:
-        value = results.get(key)
-        text = "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
-        lines.append(f"{names[key]:<38} {text}")
+    real = "by_source" in results
+    for key in KEYS + (REAL_KEYS if real else ()):
+        lines.append(f"{names[key]:<38} {text(results.get(key))}")
+    for source, entry in results.get("by_source", {}).items():
+        shown = ", ".join(f"{k} {text(entry.get(k))}" for k in ("n_images", "auc", "sensitivity", "fp_rate_normals"))
+        lines.append(
+            f"  {source}: {shown}, map50 {text(entry.get('map50'))}, severity MAE {text(entry['severity_mae'])}"
+        )
+    for name, path in results.get("figures", {}).items():
+        lines.append(f"{name}: {path}")
     for view, entry in results.get("lung_dice_by_view", {}).items():
         lines.append(f"{'  lung Dice, ' + view:<38} {entry['dice']:.4f}  (n={entry['n']})")
     lines.append(f"model {results['model_version']} on {results['dataset']} ({results['split']})")
@@ -172,6 +199,7 @@ def main(args: argparse.Namespace) -> int:
     results = evaluate(args.dataset, args)
     print(format_table(results))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

@@ -1,33 +1,40 @@
-"""Train the opacity detector (Mask R-CNN) on an RSNA-layout dataset.
+"""Train the opacity detector (Mask R-CNN) on an RSNA-layout dataset, optionally with real radiographs.
 
-    cxrnode train DATASET --out WEIGHTS_DIR [--backbone mobilenet_v3_large_fpn] [--batch-size 4] ...
+    cxrnode train DATASET --out WEIGHTS_DIR [--real REAL_OPACITY_DIR] [--init-weights DIR] [--batch-size 4] ...
+    torchrun --standalone --nproc-per-node N --no-python cxrnode train DATASET --out WEIGHTS_DIR ...
 
 Default schedule: the paper's — LR 0.006 for 6 epochs, 0.001 for 10, 0.0006 for 4 (SGD, momentum 0.9), rates scaled
-linearly by batch-size / 8. A share of the dataset (by a hash of the patientId) is held out for validation after every
-epoch; the best epoch by rsna_map is exported to WEIGHTS_DIR/detector.safetensors with the score threshold that
-maximised it. WEIGHTS_DIR/checkpoint-detector.pt allows --resume. Structure after torchvision's
-references/detection/train.py (get_args_parser + main).
+linearly by the global batch (batch-size x processes x --accumulate) / --lr-reference-batch. A share of DATASET (by
+a hash of the patientId) is held out for validation after every epoch. With --real, the real-opacity set's "train"
+split (by patient, `models.data.real_opacity`) joins the training images (repeated --real-repeat times) and its
+"validation" split joins validation; its "holdout" split is never read. The best epoch is exported to
+WEIGHTS_DIR/detector.safetensors with thresholds chosen on validation: the score threshold that maximises rsna_map
+(the mean of the synthetic and real validation sets' rsna_map with --real) and, with --real, the "opacity present"
+threshold that maximises Youden's J on the real validation images. WEIGHTS_DIR/checkpoint-detector.pt (model,
+optimizer, epoch, iteration, RNG states) allows an exact --resume. Structure after torchvision's
+references/detection/train.py (get_args_parser + main); data-parallel under torchrun (`models.distributed`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
+import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
-from models.data.rsna import Record, corners, read_dataset
-from models.data.rsna import load_image as load_rsna_image
+from models import distributed
+from models.data import real_opacity
+from models.data.rsna import Record, read_dataset
 from models.engine import (
     PAPER_SCHEDULE,
     add_training_arguments,
@@ -35,21 +42,22 @@ from models.engine import (
     load_checkpoint,
     lr_for_epoch,
     make_optimizer,
-    photometric_augment,
     save_checkpoint,
     seed_everything,
     speed_up_batch_norm,
     train_one_epoch,
 )
 from models.metrics import ImageDetections, map50, roc_auc, rsna_map
-from models.nets import BACKBONES, DetectorConfig, build_detector
-from models.predict import resolve_device
-from models.preprocess import detector_shape, letterbox, to_network_input
-from models.weights import save_network, set_manifest_fields
+from models.nets import BACKBONES, DetectorConfig, LungConfig, build_detector, build_lung_segmenter
+from models.predict import lung_masks, resolve_device
+from models.preprocess import letterbox, to_network_input
+from models.train_data import Cached, Decode, TrainingSet
+from models.weights import DEMO_WEIGHTS, load_into, load_network, save_network, set_manifest_fields
 
 log = logging.getLogger(__name__)
 
 THRESHOLD_GRID = tuple(round(t, 2) for t in np.arange(0.30, 0.96, 0.05))
+PRESENT_GRID = tuple(round(t, 2) for t in np.arange(0.05, 0.99, 0.01))
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -59,6 +67,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--val-dataset", type=Path, help="validate on this folder instead of a held-out share")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out share when no --val-dataset")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N images (0: all)")
+    parser.add_argument("--real", type=Path, help="real-opacity folder: its train split trains, validation validates")
+    parser.add_argument("--real-repeat", type=int, default=1, help="each real training image this often per epoch")
+    parser.add_argument("--init-weights", type=Path, help="start from this weights folder's detector (fine-tuning)")
+    parser.add_argument(
+        "--paste", type=float, default=0.0, help="probability of pasting synthetic opacities into a real negative"
+    )
+    parser.add_argument(
+        "--marks", type=float, default=0.0, help="probability of drawing letters/arrows/frames on a training image"
+    )
+    parser.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step (gradient accumulation)")
     parser.add_argument("--backbone", choices=BACKBONES, default="mobilenet_v3_large_fpn")
     parser.add_argument("--input-size", type=int, default=320, help="long side in pixels the detector sees")
     parser.add_argument("--anchor-sizes", type=int, nargs="+", default=(), help="per level, at --input-size")
@@ -74,86 +92,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # -- data -------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Cached:
-    """One radiograph at detector resolution: a (rows, columns) float16 image in [0, 1] and its boxes there."""
-
-    patient_id: str
-    image: torch.Tensor
-    boxes: torch.Tensor  # (N, 4) x0, y0, x1, y1
-
-
-class _Decode(Dataset):
-    def __init__(self, records: list[Record], input_size: int) -> None:
-        self.records, self.input_size = records, input_size
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> Cached:
-        record = self.records[index]
-        pixels = load_rsna_image(record)
-        shape = detector_shape(*pixels.shape, self.input_size)
-        scale = torch.tensor([shape[1] / pixels.shape[1], shape[0] / pixels.shape[0]] * 2)
-        boxes = torch.tensor([corners(b) for b in record.boxes], dtype=torch.float32).reshape(-1, 4) * scale
-        image = to_network_input(pixels, shape)[0].to(torch.float16)
-        return Cached(record.patient_id, image, boxes)
-
-
-def decode_all(records: list[Record], input_size: int, cache_dir: Path, workers: int) -> list[Cached]:
-    """Every image decoded and resized once (cached across runs and --resume)."""
-    return decode_once(
-        _Decode(records, input_size), [r.image for r in records], f"detector-{input_size}", cache_dir, workers
-    )
-
-
-def ellipse_masks(boxes: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """(N, rows, columns) uint8 masks of the ellipses inscribed in (x0, y0, x1, y1) boxes."""
-    rows, columns = shape
-    yy = torch.arange(rows, dtype=torch.float32)[None, :, None] + 0.5
-    xx = torch.arange(columns, dtype=torch.float32)[None, None, :] + 0.5
-    cx = ((boxes[:, 0] + boxes[:, 2]) / 2)[:, None, None]
-    cy = ((boxes[:, 1] + boxes[:, 3]) / 2)[:, None, None]
-    rx = ((boxes[:, 2] - boxes[:, 0]) / 2).clamp(min=0.5)[:, None, None]
-    ry = ((boxes[:, 3] - boxes[:, 1]) / 2).clamp(min=0.5)[:, None, None]
-    return (((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0).to(torch.uint8)
-
-
-class TrainingSet(Dataset):
-    """Cached radiographs with augmentation: flips, scale and shift, exposure/contrast/gamma/noise."""
-
-    def __init__(self, items: list[Cached], augment: bool, seed: int, size: int) -> None:
-        self.items, self.augment, self.seed, self.size = items, augment, seed, size
-        self.geometry = v2.Compose(
-            [v2.RandomHorizontalFlip(0.5), v2.RandomAffine(degrees=0, translate=(0.06, 0.06), scale=(0.85, 1.15))]
-        )
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        item = self.items[index]
-        image = item.image.float()[None]
-        boxes = item.boxes
-        if self.augment:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + index)
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))  # for v2's own draws
-            wrapped = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:]))
-            image, wrapped = self.geometry(tv_tensors.Image(image), wrapped)
-            boxes = v2.functional.clamp_bounding_boxes(wrapped).as_subclass(torch.Tensor)
-            image = photometric_augment(image.as_subclass(torch.Tensor), generator)
-        size = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
-        boxes = boxes[size >= 16].reshape(-1, 4)
-        image = letterbox(image, self.size)
-        target = {
-            "boxes": boxes,
-            "labels": torch.ones(len(boxes), dtype=torch.int64),
-            "masks": ellipse_masks(boxes, (self.size, self.size)),
-        }
-        return image.expand(3, -1, -1).contiguous(), target
-
-
 def _collate(batch: list[Any]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     images, targets = zip(*batch, strict=True)
     return list(images), list(targets)
@@ -166,6 +104,32 @@ def split_records(records: list[Record], fraction: float) -> tuple[list[Record],
         return int(hashlib.sha256(r.patient_id.encode()).hexdigest()[:8], 16) / 2**32 < fraction
 
     return [r for r in records if not held_out(r)], [r for r in records if held_out(r)]
+
+
+def decode_all(records: list[Any], input_size: int, cache_dir: Path, workers: int) -> list[Cached]:
+    """Every image decoded and resized once (cached across runs and --resume)."""
+    return decode_once(
+        Decode(records, input_size), [r.image for r in records], f"detector-{input_size}-v2", cache_dir, workers
+    )
+
+
+@torch.inference_mode()
+def add_lungs(items: list[Cached], weights: Path) -> list[Cached]:
+    """Real items without a lung mask get the lung segmenter's (of `weights`), for --paste."""
+    loaded = load_network(weights, "lungs")
+    config = LungConfig.from_dict(loaded.entry["config"])
+    net = build_lung_segmenter(config)
+    load_into(net, loaded, weights / loaded.entry["file"])
+    net.eval()
+    out = []
+    for item in items:
+        if item.lungs is None and item.source != "synthetic":
+            size = config.input_size
+            logits = net(to_network_input(item.image.float(), (size, size))[None])["out"][0]
+            right, left = lung_masks(logits, tuple(item.image.shape))
+            item = dataclasses.replace(item, lungs=torch.from_numpy(right | left).to(torch.uint8))
+        out.append(item)
+    return out
 
 
 # -- validation -------------------------------------------------------------------------------------------------------
@@ -219,9 +183,80 @@ def best_threshold(items: list[Cached], predictions: list[tuple[np.ndarray, np.n
 # -- main -------------------------------------------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace) -> int:
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
+def youden_threshold(labels: list[bool], probabilities: list[float]) -> float:
+    """The 'opacity present' threshold on PRESENT_GRID with the highest sensitivity + specificity - 1 (the highest
+    such threshold on ties: fewer false alarms)."""
+    y = np.asarray(labels, dtype=bool)
+    p = np.asarray(probabilities, dtype=np.float64)
+    best, best_j = 0.5, -2.0
+    for threshold in PRESENT_GRID:
+        j = (p[y] >= threshold).mean() - (p[~y] >= threshold).mean() if y.any() and (~y).any() else 0.0
+        if j >= best_j:
+            best, best_j = float(threshold), float(j)
+    return best
+
+
+def validate(
+    model: torch.nn.Module, sets: dict[str, list[Cached]], device: torch.device, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Scores per validation set ('synthetic', 'real') and the thresholds they choose."""
+    predictions = {
+        name: detect_cached(model, items, device, args.batch_size, args.input_size) for name, items in sets.items()
+    }
+    maps = {}
+    for threshold in THRESHOLD_GRID:
+        values = []
+        for name, items in sets.items():
+            kept = [
+                ImageDetections(truth=i.boxes.numpy(), boxes=b[s >= threshold], scores=s[s >= threshold])
+                for i, (b, s) in zip(items, predictions[name], strict=True)
+            ]
+            values.append(rsna_map(kept) or 0.0)
+        maps[float(threshold)] = float(np.mean(values))
+    score = max(maps, key=lambda t: (maps[t], t))
+    scores: dict[str, Any] = {}
+    thresholds = {"score": score, "mask": 0.5, "present": score}
+    for name, items in sets.items():
+        for key, value in detection_scores(items, predictions[name], score).items():
+            scores[key if name == "synthetic" else f"{name}_{key}"] = value
+    if "real" in sets:
+        labels = [len(i.boxes) > 0 for i in sets["real"]]
+        probabilities = [float(s.max()) if s.size else 0.0 for _, s in predictions["real"]]
+        thresholds["present"] = youden_threshold(labels, probabilities)
+        negatives = [p for p, y in zip(probabilities, labels, strict=True) if not y]
+        scores["real_fp_rate"] = float(np.mean([p >= thresholds["present"] for p in negatives])) if negatives else None
+        scores["real_select"] = (scores["real_auc"] or 0.0) + (scores["real_map50"] or 0.0)
+    return scores, thresholds
+
+
+def _micro_seed(args: argparse.Namespace, world: distributed.World):  # noqa: ANN202
+    """Reseed the global RNG (Mask R-CNN's anchor and RoI sampling) before micro-batch j of a step, from (seed,
+    iteration, j * world size + rank): the same draws whatever the process count, --accumulate or --resume."""
+
+    def reseed(iteration: int, micro: int) -> None:
+        torch.manual_seed(args.seed * 1_000_003 + iteration * 1_009 + micro * world.size + world.rank)
+
+    return reseed
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_data(
+    args: argparse.Namespace, config: DetectorConfig, world: distributed.World
+) -> tuple[list[Cached], dict[str, list[Cached]]]:
     records = read_dataset(args.dataset)
     if args.limit:
         records = records[: args.limit]
@@ -234,6 +269,42 @@ def main(args: argparse.Namespace) -> int:
             f"{args.dataset}: {len(train_records)} training and {len(val_records)} validation images; "
             "need at least one of each (add images, or pass --val-dataset)"
         )
+    real_train = real_opacity.read_real_opacity(args.real, ("train",)) if args.real else []
+    real_val = real_opacity.read_real_opacity(args.real, ("validation",)) if args.real else []
+    cache_dir = args.cache_dir or args.out / "cache"
+    if not world.main:  # rank 0 decodes and fills the cache; the others then read it
+        distributed.barrier(world)
+    log.info(
+        "decoding %d + %d real training and %d + %d real validation images",
+        len(train_records),
+        len(real_train),
+        len(val_records),
+        len(real_val),
+    )
+    train_items = decode_all(train_records, config.input_size, cache_dir, args.workers)
+    val_sets = {"synthetic": decode_all(val_records, config.input_size, cache_dir, args.workers)}
+    if real_train:
+        real_items = decode_all(real_train, config.input_size, cache_dir, args.workers)
+        if args.paste > 0:
+            real_items = add_lungs(real_items, args.init_weights or DEMO_WEIGHTS)
+        train_items += real_items * args.real_repeat
+    if real_val:
+        val_sets["real"] = decode_all(real_val, config.input_size, cache_dir, args.workers)
+    if world.main:
+        distributed.barrier(world)
+    return train_items, val_sets
+
+
+def main(args: argparse.Namespace) -> int:
+    world, device_name = distributed.start(args.device)
+    try:
+        return _train(args, world, resolve_device(device_name))
+    finally:
+        distributed.stop(world)
+
+
+def _train(args: argparse.Namespace, world: distributed.World, device: torch.device) -> int:
+    seed_everything(args.seed)
     config = DetectorConfig(
         backbone=args.backbone,
         input_size=args.input_size,
@@ -242,19 +313,24 @@ def main(args: argparse.Namespace) -> int:
         box_head_size=args.box_head_size,
         mask_head_channels=args.mask_head_channels,
     )
-    cache_dir = args.cache_dir or args.out / "cache"
-    log.info("decoding %d training and %d validation images", len(train_records), len(val_records))
-    train_items = decode_all(train_records, config.input_size, cache_dir, args.workers)
-    val_items = decode_all(val_records, config.input_size, cache_dir, args.workers)
+    args.out.mkdir(parents=True, exist_ok=True)
+    train_items, val_sets = _load_data(args, config, world)
 
     model = build_detector(config, pretrained_backbone=args.pretrained_backbone, pretrained_coco=args.pretrained_coco)
+    if args.init_weights:
+        loaded = load_network(args.init_weights, "detector")
+        if DetectorConfig.from_dict(loaded.entry["config"]) != config:
+            raise SystemExit(
+                f"{args.init_weights}: its detector was made with {loaded.entry['config']}; "
+                "pass the same --backbone/--input-size/--fpn-channels/... options"
+            )
+        load_into(model, loaded, args.init_weights / loaded.entry["file"])
     model.to(device)
     speed_up_batch_norm(model)
     optimizer = make_optimizer(args, model.parameters())
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
-    start_epoch, iteration, best = 0, 0, {"rsna_map": -1.0}
+    start_epoch, iteration, best = 0, 0, {"select": -1.0}
     history: list[dict[str, Any]] = []
-    args.out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = args.out / "checkpoint-detector.pt"
     if args.resume:
         state = load_checkpoint(args.resume)
@@ -266,20 +342,26 @@ def main(args: argparse.Namespace) -> int:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, iteration, best, history = state["epoch"] + 1, state["iteration"], state["best"], state["history"]
+        if "rng" in state:
+            _set_rng_state(state["rng"])
         log.info("resumed from %s after epoch %d", args.resume, start_epoch)
+    trained = DistributedDataParallel(model) if world.distributed else model
 
-    dataset = TrainingSet(train_items, augment=True, seed=args.seed, size=config.input_size)
+    dataset = TrainingSet(
+        train_items, augment=True, seed=args.seed, size=config.input_size, paste=args.paste, marks=args.marks
+    )
+    sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=args.seed)
     epochs = sum(stage.epochs for stage in args.lr_schedule)
-    lr_scale = args.batch_size / args.lr_reference_batch
+    lr_scale = args.batch_size * world.size * args.accumulate / args.lr_reference_batch
     for epoch in range(start_epoch, epochs):
         dataset.epoch = epoch
+        sampler.set_epoch(epoch)
         loader = DataLoader(
             dataset,
             batch_size=args.batch_size,
-            shuffle=True,
+            sampler=sampler,
             num_workers=args.workers,
             collate_fn=_collate,
-            generator=torch.Generator().manual_seed(args.seed + epoch),
             persistent_workers=False,
             pin_memory=device.type == "cuda",
         )
@@ -293,7 +375,7 @@ def main(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         lr = lr_for_epoch(args.lr_schedule, epoch, lr_scale)
         loss, iteration = train_one_epoch(
-            model,
+            trained,
             optimizer,
             loader,
             step,
@@ -304,55 +386,85 @@ def main(args: argparse.Namespace) -> int:
             max_iters=args.max_iters,
             scaler=scaler,
             device=device,
-            progress=not args.no_progress,
+            progress=not args.no_progress and world.main,
+            accumulate=args.accumulate,
+            before_micro_step=_micro_seed(args, world),
         )
-        predictions = detect_cached(model, val_items, device, args.batch_size, config.input_size)
-        threshold, _ = best_threshold(val_items, predictions)
-        scores = detection_scores(val_items, predictions, threshold)
-        record = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "loss": loss,
-            "threshold": threshold,
-            **scores,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        history.append(record)
-        log.info("epoch %d/%d %s", epoch + 1, epochs, json.dumps(record))
-        if (scores["rsna_map"] or 0.0) > best["rsna_map"]:
-            best = record
-            save_network(
-                args.out,
-                "detector",
-                model,
-                config,
-                name=args.name,
-                version=args.version,
-                extra={
-                    "thresholds": {"score": threshold, "mask": 0.5, "present": threshold},
-                    "trained": {
-                        "dataset": str(args.dataset),
-                        "images": len(train_items),
-                        "epoch": epoch + 1,
-                        "validation": {k: v for k, v in record.items() if k != "seconds"},
-                    },
-                },
+        if world.main:
+            best = _end_of_epoch(args, model, config, val_sets, device, epoch, epochs, lr, loss, started, best, history)
+            save_checkpoint(
+                checkpoint_path,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                epoch=epoch,
+                iteration=iteration,
+                best=best,
+                history=history,
+                config=config.to_dict(),
+                rng=_rng_state(),
+                world_size=world.size,
+                args=vars(args) | {"lr_schedule": [s.__dict__ for s in args.lr_schedule]},
             )
-        save_checkpoint(
-            checkpoint_path,
-            model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            epoch=epoch,
-            iteration=iteration,
-            best=best,
-            history=history,
-            config=config.to_dict(),
-            args=vars(args) | {"lr_schedule": [s.__dict__ for s in args.lr_schedule]},
-        )
-        if "epoch" in best:  # a network was saved: its entry exists
-            set_manifest_fields(args.out, detector={"history": history})  # each epoch: an interrupted run keeps it
-    print(json.dumps({"best": best}, indent=2, default=str))
+            if "epoch" in best:  # a network was saved: its entry exists
+                set_manifest_fields(args.out, detector={"history": history})  # each epoch: an interrupted run keeps it
+        distributed.barrier(world)
+    if world.main:
+        print(json.dumps({"best": best}, indent=2, default=str))
     return 0
+
+
+def _end_of_epoch(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    config: DetectorConfig,
+    val_sets: dict[str, list[Cached]],
+    device: torch.device,
+    epoch: int,
+    epochs: int,
+    lr: float,
+    loss: float,
+    started: float,
+    best: dict[str, Any],
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Validate, log, and export the network when it is the best so far (rank 0). Returns the best record."""
+    rng = _rng_state()  # validation must not move the training RNG
+    scores, thresholds = validate(model, val_sets, device, args)
+    _set_rng_state(rng)
+    select = scores.get("real_select", scores["rsna_map"] or 0.0)
+    record = {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "loss": loss,
+        "threshold": thresholds["score"],
+        "present": thresholds["present"],
+        **scores,
+        "select": select,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    history.append(record)
+    log.info("epoch %d/%d %s", epoch + 1, epochs, json.dumps(record))
+    if select <= best["select"]:
+        return best
+    sources = {"dataset": str(args.dataset), "real": str(args.real) if args.real else None}
+    save_network(
+        args.out,
+        "detector",
+        model,
+        config,
+        name=args.name,
+        version=args.version,
+        extra={
+            "thresholds": thresholds,
+            "trained": {
+                **sources,
+                "init_weights": str(args.init_weights) if args.init_weights else None,
+                "epoch": epoch + 1,
+                "validation": {k: v for k, v in record.items() if k != "seconds"},
+            },
+        },
+    )
+    return record
 
 
 if __name__ == "__main__":
