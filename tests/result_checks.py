@@ -13,7 +13,7 @@ from models.finding import Finding
 from node.writers import codes as writer_codes
 from node.writers import uids
 from node.writers.seg import LEFT_LUNG_SEGMENT, OPACITY_SEGMENT, RIGHT_LUNG_SEGMENT
-from node.writers.sr import PRECISION_DECIMALS, box_polyline
+from node.writers.sr import IMAGE_TRACKING_IDENTIFIER, PRECISION_DECIMALS, box_polyline, whole_image_polyline
 
 
 def check_segmentation(source: Dataset, finding: Finding, seg: hd.seg.Segmentation, model_version: str) -> None:
@@ -62,14 +62,26 @@ def opacity_present(sr: hd.sr.EnhancedSR) -> bool:
 
 
 def image_level_group(sr: hd.sr.EnhancedSR):
-    """The group with the image-level numbers: the SEG's opacity segment's group, else the TID 1501 group."""
+    """The group with the image-level numbers: the SEG's opacity segment's group, else the whole-image group (both
+    TID 1410; no TID 1501 group is written)."""
     report = sr.content
+    assert report.get_image_measurement_groups() == []
     by_segment = report.get_planar_roi_measurement_groups(reference_type=pydicom_codes.DCM.ReferencedSegmentationFrame)
     if by_segment:
         (group,) = [g for g in by_segment if g.tracking_identifier == "Lung opacity"]
         return group
-    (group,) = report.get_image_measurement_groups()
+    (group,) = [g for g in box_and_image_groups(sr) if g.tracking_identifier == IMAGE_TRACKING_IDENTIFIER]
     return group
+
+
+def box_and_image_groups(sr: hd.sr.EnhancedSR) -> list:
+    """Every TID 1410 group with an Image Region (SCOORD): the boxes' and, without a SEG, the whole image's."""
+    return sr.content.get_planar_roi_measurement_groups(reference_type=pydicom_codes.DCM.ImageRegion)
+
+
+def box_groups(sr: hd.sr.EnhancedSR) -> list:
+    """The boxes' groups, in the order written (1 = highest score)."""
+    return [g for g in box_and_image_groups(sr) if g.tracking_identifier != IMAGE_TRACKING_IDENTIFIER]
 
 
 def check_report(
@@ -100,9 +112,21 @@ def check_report(
     for laterality, percent, score in sides:
         assert measurement_value(image_group, writer_codes.EXTENT, laterality) == pytest.approx(percent, abs=tolerance)
         assert measurement_value(image_group, writer_codes.GEOGRAPHIC_EXTENT_SCORE, laterality) == score
+    if seg is None:  # the whole image is the region, so the group has no area (the opacity's is the SEG's)
+        assert image_group.tracking_identifier == IMAGE_TRACKING_IDENTIFIER
+        assert image_group.tracking_uid not in {g.tracking_uid for g in box_groups(sr)}
+        assert image_group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        np.testing.assert_array_equal(image_group.roi.value, whole_image_polyline(*finding.image_shape))
+        image = image_group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        assert (image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID) == (
+            source.SOPClassUID,
+            source.SOPInstanceUID,
+        )
+        assert measurement_value(image_group, writer_codes.AREA) is None
+        assert [s.laterality for s in image_group.finding_sites] == [None]
 
-    boxes = report.get_planar_roi_measurement_groups(reference_type=pydicom_codes.DCM.ImageRegion)
-    assert len(boxes) == len(finding.opacities)
+    boxes = box_groups(sr)
+    assert len(boxes) == len(finding.opacities) == len(box_and_image_groups(sr)) - (seg is None)
     for number, (group, opacity) in enumerate(zip(boxes, finding.opacities, strict=True), start=1):
         assert group.tracking_identifier == f"Lung opacity {number}"
         assert group.finding_type == writer_codes.OPACITY
@@ -165,9 +189,7 @@ def check_close(source: Dataset, finding: Finding, seg: hd.seg.Segmentation, sr:
     for index, mask in enumerate((finding.opacity_mask, finding.right_lung, finding.left_lung)):
         differing = int(np.count_nonzero(pixels[:, :, index].astype(bool) != mask))
         assert differing <= max(10, 0.001 * mask.sum()), f"segment {index + 1}: {differing} pixels differ"
-    report = sr.content
-    planar = report.get_planar_roi_measurement_groups(reference_type=pydicom_codes.DCM.ImageRegion)
-    boxes = np.array([g.roi.value[[0, 2]].reshape(-1) for g in planar], dtype=np.float64).reshape(-1, 4)
+    boxes = np.array([g.roi.value[[0, 2]].reshape(-1) for g in box_groups(sr)], dtype=np.float64).reshape(-1, 4)
     assert boxes.shape == finding.boxes.shape
     np.testing.assert_allclose(boxes, finding.boxes, atol=0.01)
     image_group = image_level_group(sr)

@@ -9,7 +9,10 @@
   neither the GSPS nor the Enhanced SR SOP Class; dciodvfy checks those, DicomSRValidator the SR's IOD too).
 
 Cases: a positive image (three boxes, pixel spacing), a negative one (no box: the empty opacity segment has its SR
-group), one without pixel spacing (no areas), and an SR alone (no SEG) with the orientation note.
+group), one without pixel spacing (no areas), and SRs alone (no SEG: the image-level numbers in a TID 1410 group on
+the whole image) with two boxes and the orientation note, with one box, and with none. One box alone is the case
+PixelMed's template choice used to trip on (a TID 1501 group beside exactly one Image Region): the test also shows
+that the old layout still gets its two errors, so the validator does look at those groups.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pydicom.dataset import Dataset
 from dicom_validation import assert_valid_dicom
 from models.finding import Finding
 from node.outputs import build_results, encode
+from node.writers.sr import IMAGE_TRACKING_IDENTIFIER
 from result_checks import check_report
 from test_writers import ALLOWED_WARNINGS, CR, DX_PRESENTATION, make_finding, make_source
 
@@ -74,6 +78,8 @@ CASES = [
     Case("negative", make_source(CR, number=32), 0, (0.5, 0.4)),
     Case("no-pixel-spacing", make_source(CR, spacing=False, number=33), 1, None),
     Case("sr-alone-with-note", make_source(CR, number=34), 2, (0.5, 0.4), ("SR",), NOTE),
+    Case("sr-alone-one-box", make_source(CR, number=35), 1, (0.5, 0.4), ("SR",)),
+    Case("sr-alone-no-box", make_source(DX_PRESENTATION, number=36), 0, (0.2 / 1.25, 0.25 / 1.25), ("SR",)),
 ]
 
 
@@ -136,30 +142,39 @@ def content_items(dataset: Dataset) -> list[Dataset]:
     return items
 
 
-# PixelMed 20220618 checks every group of Imaging Measurements as TID 1410 when the container holds exactly one Image
-# Region SCOORD: an SR alone (no SEG) with one box gets these two errors on its TID 1501 group (docs/conformance.md
-# 7.2), although TID 1500 includes TID 1501 and TID 1410 groups side by side.
-PIXELMED_ONE_BOX_LIMITATION = (
+# What PixelMed 20220618 says when the image-level numbers are a TID 1501 group (no region) beside exactly one Image
+# Region SCOORD: it then checks every group as TID 1410 and misses the region (docs/conformance.md 7.2).
+PIXELMED_TID_1501_BESIDE_ONE_BOX = (
     'Template 1410 PlanarROIMeasurements/[Row 1] CONTAINER (125007,DCM,"Measurement Group")/[Row 5] SCOORD',
     'Template 1410 PlanarROIMeasurements/[Row 1] CONTAINER (125007,DCM,"Measurement Group")/[Row 7] IMAGE',
 )
 
 
+def without_whole_image_region(sr: Path, path: Path) -> Path:
+    """`sr` with the Image Region of its whole-image group removed: that group becomes the TID 1501 group the SR
+    alone used to carry (tracking identifier, finding, finding site, measurements)."""
+    ds = pydicom.dcmread(sr)
+    (measurements,) = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    (group,) = [
+        g
+        for g in measurements.ContentSequence
+        if g.ValueType == "CONTAINER"
+        and any(i.get("TextValue") == IMAGE_TRACKING_IDENTIFIER for i in g.ContentSequence)
+    ]
+    group.ContentSequence = [i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue != "111030"]
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def test_pixelmed_sr_validator_finds_nothing(written: list[Written], tmp_path: Path) -> None:
-    source = make_source(CR, number=35)
-    alone = build_results(
-        source, make_finding((int(source.Rows), int(source.Columns)), 1), ["SR"], datetime.datetime(2024, 1, 1)
-    )
-    one_box = tmp_path / "sr-alone-one-box-SR.dcm"
-    one_box.write_bytes(encode(alone[0][1]))
-    reports = pixelmed("DicomSRValidator", [w.paths["SR"] for w in written] + [one_box])
+    (one_box,) = [w.paths["SR"] for w in written if w.case.name == "sr-alone-one-box"]
+    old_layout = without_whole_image_region(one_box, tmp_path / "sr-alone-one-box-tid-1501-SR.dcm")
+    reports = pixelmed("DicomSRValidator", [w.paths["SR"] for w in written] + [old_layout])
+    errors, warnings = reports.pop(old_layout)
+    assert len(errors) == 2 and warnings == [], "\n".join(errors + warnings)
+    for expected in PIXELMED_TID_1501_BESIDE_ONE_BOX:
+        assert any(expected in error and "Missing conditional content item" in error for error in errors), errors
     for path, (errors, warnings) in reports.items():
-        if path == one_box:
-            assert len(errors) == 2 and all(
-                any(known in error for error in errors) for known in PIXELMED_ONE_BOX_LIMITATION
-            ), "\n".join(errors)
-            assert all("Missing conditional content item" in error for error in errors)
-            errors = []
         assert errors == [] and warnings == [], f"{path.name}:\n" + "\n".join(errors + warnings)
 
 

@@ -17,7 +17,9 @@ Imaging Measurement Report (TID 1500)
       Area (mm2) of the opacity; Extent (%) and Geographic extent score ({score}) with finding site Lung and
       laterality Right, Left, Bilateral (both lungs);
       "Right lung", "Left lung": Area (mm2)
-  - without a SEG: one image-level group (TID 1501) with the same image-level items
+  - without a SEG: one Planar ROI group (TID 1410) "Lung opacity, whole image" whose Image Region [row 5] is the
+    whole source image (a closed SCOORD POLYLINE along its border) and the image-level items of "Lung opacity"
+    except its Area (without the SEG there is no opacity region to give the area of)
   - one Planar ROI group (TID 1410) per reported opacity, finding site Lung with the laterality of the lung(s) it
     overlaps: its box as a closed SCOORD POLYLINE (5 points) on the source image [row 5], Certainty of Finding (%)
     = detector score, Area (mm2) of the box
@@ -33,6 +35,14 @@ our SEG is one frame on the single-frame source image, which is what TID 1410 de
 (and DCMTK's TID 1411 class requires a "Source series for segmentation"). highdicom writes the frame reference with
 both Referenced Frame Number and Referenced Segment Number, which the Image SOP Instance Reference Macro (PS3.3
 Table 10-3) makes alternatives; the Segment Number is removed, the frame identifies the segment.
+
+Why a TID 1410 group on the whole image rather than a TID 1501 group with no region, for an SR without a SEG: the
+image-level numbers are the classifier's over the whole image (and, with a finding site, over each lung in it), so
+the image is the region they are measured on; TID 1410 says that explicitly and needs no inference from the
+evidence. It also makes every group of Imaging Measurements a TID 1410 group, as with a SEG, which PixelMed's
+DicomSRValidator (20220618) needs: it chooses the template it checks every group against from counts over the
+whole container, and with exactly one Image Region in it (an SR alone with one box) it held a TID 1501 group to
+TID 1410's region rows.
 
 Why Enhanced SR (1.2.840.10008.5.1.4.1.1.88.22): the content needs 2-D SCOORDs, references and numbers, nothing 3-D
 and no by-reference relationships, so the least powerful SR class that holds it is Enhanced SR; it has been in the
@@ -78,7 +88,9 @@ DEFAULT_SERIES_NUMBER = 7702
 PRECISION_DECIMALS = 2
 """Decimal places of every number in the SR (percent and mm2)."""
 
-_Group = hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+IMAGE_TRACKING_IDENTIFIER = "Lung opacity, whole image"
+"""Tracking Identifier of the group with the image-level numbers in an SR without a SEG (with a SEG they are in the
+opacity segment's group, which carries the segment's Tracking ID)."""
 
 
 def measurement_report(
@@ -133,11 +145,11 @@ def measurement_report(
         ],
     )
 
-    groups: list[_Group] = []
+    groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
     if segmentation is not None:
         groups += _segment_groups(segmentation, header, finding, spacing)
     else:
-        groups.append(_image_level_group(key, finding))
+        groups.append(_image_level_group(header, key, finding))
     groups += [
         _opacity_group(header, key, finding, number, opacity, spacing)
         for number, opacity in enumerate(finding.opacities, start=1)
@@ -208,6 +220,12 @@ def box_polyline(box: tuple[float, float, float, float]) -> np.ndarray:
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
 
 
+def whole_image_polyline(rows: int, columns: int) -> np.ndarray:
+    """The closed POLYLINE along the border of a `rows` x `columns` image: from the top-left corner of its top-left
+    pixel (0, 0) to the bottom-right corner of its bottom-right pixel (Columns, Rows), PS3.3 C.18.6.1.1."""
+    return box_polyline((0.0, 0.0, float(columns), float(rows)))
+
+
 def opacity_tracking_identifier(number: int) -> str:
     """Tracking Identifier of reported opacity `number` (1 = highest score), in the SR and the GSPS alike."""
     return f"Lung opacity {number}"
@@ -242,17 +260,27 @@ def _image_level(finding: Finding, spacing: tuple[float, float] | None) -> dict:
     return {"measurements": measurements}
 
 
-def _image_level_group(key: uids.ResultKey, finding: Finding) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501, for an SR without a SEG: the image-level items with no region (the evidence names the image). Its
-    area is left out: without the SEG there is no region it would be the area of."""
-    items = _image_level(finding, None)
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+def _image_level_group(
+    header: Dataset, key: uids.ResultKey, finding: Finding
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410, for an SR without a SEG: the image-level items on the whole source image (`whole_image_polyline`).
+    Its area is left out: the area of a TID 1410 group is that of its region, here the image, not the opacity."""
+    rows, columns = finding.image_shape
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=key.tracking_uid(f"{KIND}/image"), identifier="Lung opacity, whole image"
+            uid=key.tracking_uid(f"{KIND}/image"), identifier=IMAGE_TRACKING_IDENTIFIER
+        ),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=whole_image_polyline(rows, columns),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=header.SOPClassUID,
+                referenced_sop_instance_uid=header.SOPInstanceUID,
+            ),
         ),
         finding_type=codes.OPACITY,
         finding_sites=[hd.sr.FindingSite(codes.LUNG)],
-        **items,
+        **_image_level(finding, None),
     )
 
 
