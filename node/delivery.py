@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
@@ -129,15 +129,20 @@ class Connection:
     def send(self, path: Path | BinaryIO) -> None:
         """C-STORE one file (a file on disk is streamed as stored when its transfer syntax was accepted; an object
         in memory is sent as a data set); DeliveryError unless it was answered with Success or a storage warning."""
-        meta = read_file_meta_info(path)
-        sop_class, syntax = UID(meta.MediaStorageSOPClassUID), UID(meta.TransferSyntaxUID)
-        as_stored = isinstance(path, Path) and any(
-            cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == syntax for cx in self.assoc.accepted_contexts
-        )
-        if not isinstance(path, Path):
-            path.seek(0)  # reading the meta moved it
+        if isinstance(path, Path):
+            meta = read_file_meta_info(path)
+            sop_class, syntax = UID(meta.MediaStorageSOPClassUID), UID(meta.TransferSyntaxUID)
+            as_stored = any(
+                cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == syntax
+                for cx in self.assoc.accepted_contexts
+            )
+            data: Path | Dataset = path if as_stored else dcmread(path)
+        else:
+            path.seek(0)
+            data = dcmread(path)
+            sop_class = UID(data.file_meta.MediaStorageSOPClassUID)
         try:
-            status = self.assoc.send_c_store(path if as_stored else dcmread(path))
+            status = self.assoc.send_c_store(data)
         except ValueError as error:  # no accepted presentation context, or not encodable in the accepted one
             raise DeliveryError(
                 f"{path.name}: cannot send a {sop_class.name} to {self.peer.ae_title}: {error}"
