@@ -22,6 +22,14 @@ class Thresholds:
     """A pixel belongs to an opacity (or a lung) when its probability is at least this."""
     present: float
     """The image is called "opacity present" when `opacity_probability` is at least this."""
+    severity_mask: float | None = None
+    """A pixel of a reported opacity counts towards lung involvement (`Finding.severity`) when its probability is at
+    least this; None = `mask`. The masks the Finding reports keep `mask`."""
+
+    @property
+    def severity_mask_or_mask(self) -> float:
+        """The pixel probability at which an opacity's pixel counts towards lung involvement."""
+        return self.mask if self.severity_mask is None else self.severity_mask
 
 
 @dataclass(frozen=True)

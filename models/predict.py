@@ -180,9 +180,7 @@ class Predictor:
             for box, score, mask in zip(boxes, raw.scores[keep].cpu().numpy(), masks.cpu().numpy(), strict=True):
                 x0, y0, x1, y1 = (float(v) for v in box)
                 opacities.append(Opacity(box=(x0, y0, x1, y1), score=float(score), mask=mask[0]))
-        opacity = np.zeros(shape, dtype=bool)
-        for item in opacities:
-            opacity |= item.mask
+        opacity = involved(opacities, raw.masks[keep], shape, th)
         severity, extent = lung_involvement(opacity, right_lung, left_lung)
         return Finding(
             image_shape=(rows, columns),
@@ -196,6 +194,18 @@ class Predictor:
             thresholds=th,
             model_version=self.model_version,
         )
+
+
+def involved(opacities: Sequence[Opacity], masks: torch.Tensor, shape: tuple[int, int], th: Thresholds) -> np.ndarray:
+    """The union of the reported opacities that counts towards lung involvement: their masks (`masks`, the network's
+    probabilities) at `th.severity_mask` where that differs from the reported masks' threshold."""
+    opacity = np.zeros(shape, dtype=bool)
+    if th.severity_mask_or_mask == th.mask:
+        for item in opacities:
+            opacity |= item.mask
+    elif masks.numel():
+        opacity = (upsample_masks(masks, shape) >= th.severity_mask_or_mask).any(dim=0)[0].cpu().numpy()
+    return opacity
 
 
 def upsample_masks(masks: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

@@ -3,7 +3,8 @@
 manifest.json:
     {"name": "...", "version": "...",
      "detector": {"file": "detector.safetensors", "sha256": "...", "config": {...DetectorConfig...},
-                  "thresholds": {"score": ..., "mask": ..., "present": ...}, "trained": {...}},
+                  "thresholds": {"score": ..., "mask": ..., "present": ..., "severity_mask": ...},
+                  "trained": {...}},
      "lungs":    {"file": "lungs.safetensors", "sha256": "...", "config": {...LungConfig...}, "trained": {...}}}
 
 Tensors are stored in float16 (half the size; the loader casts back to float32). safetensors is used instead of
@@ -151,9 +152,13 @@ def load_into(model: torch.nn.Module, loaded: LoadedNetwork, path_for_errors: Pa
 
 
 def thresholds_of(entry: dict[str, Any]) -> Thresholds:
+    """The thresholds recorded with a network's manifest entry; those missing are the defaults (severity_mask: the
+    mask threshold)."""
     values = entry.get("thresholds") or {}
+    severity_mask = values.get("severity_mask")
     return Thresholds(
         score=float(values.get("score", DEFAULT_THRESHOLDS.score)),
         mask=float(values.get("mask", DEFAULT_THRESHOLDS.mask)),
         present=float(values.get("present", DEFAULT_THRESHOLDS.present)),
+        severity_mask=None if severity_mask is None else float(severity_mask),
     )

@@ -54,6 +54,9 @@ def load_predictor(settings: Settings) -> Predictor:
         score=recorded.score if inference.score_threshold is None else inference.score_threshold,
         mask=recorded.mask if inference.mask_threshold is None else inference.mask_threshold,
         present=recorded.present if inference.present_threshold is None else inference.present_threshold,
+        severity_mask=(
+            recorded.severity_mask if inference.severity_mask_threshold is None else inference.severity_mask_threshold
+        ),
     )
     return predictor
 

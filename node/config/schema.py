@@ -285,6 +285,9 @@ class InferenceSettings(_Section):
     score_threshold: Fraction | None = None  # None = the value recorded with the weights
     present_threshold: Fraction | None = None
     mask_threshold: Fraction | None = None
+    # Pixel probability at which a reported opacity's pixel counts towards lung involvement (severity); the reported
+    # masks keep mask_threshold. None = the value recorded with the weights (or mask_threshold when none is).
+    severity_mask_threshold: Fraction | None = None
     # Nice value (0-19) of the threads that decode, analyse and write: receiving keeps precedence over them, so a
     # burst of images is acknowledged at full speed while the CPU also runs the models. 0 = same priority.
     nice: Annotated[int, Field(ge=0, le=19)] = 10

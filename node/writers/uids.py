@@ -161,7 +161,8 @@ def result_key(
     thresholds = finding.thresholds
     settings = json.dumps(
         {
-            "thresholds": {"score": thresholds.score, "mask": thresholds.mask, "present": thresholds.present},
+            "thresholds": {"score": thresholds.score, "mask": thresholds.mask, "present": thresholds.present}
+            | ({} if thresholds.severity_mask is None else {"severity_mask": thresholds.severity_mask}),
             "software_version": software_version,
             "options": dict(options or {}),
         },
