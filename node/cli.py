@@ -78,6 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "http.port": args.http_port,
         "queue.url": args.queue,
         "queue.node_id": args.node_id,
+        "node.roles": args.role,
+        "node.receivers": args.receivers,
     }
     return serve(
         args.config, overrides, destinations=args.destination or [], allowed_calling_aes=args.allow_calling_ae or []
@@ -433,6 +435,15 @@ def build_parser(ml_command: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     serve.add_argument("--http-port", type=int, help="metrics, health and status page port (0: none; default 11180)")
     serve.add_argument("--node-id", help="this node's name as the holder of queue jobs (default hostname:pid)")
+    serve.add_argument(
+        "--role",
+        metavar="ROLES",
+        help="what this node runs: receive, infer, send, comma-separated (default all three; fewer need a shared "
+        "--queue postgresql://...)",
+    )
+    serve.add_argument(
+        "--receivers", type=int, metavar="N", help="receiving processes on the one DICOM port (default 1)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     echo = commands.add_parser("echo", help="C-ECHO a DICOM peer")

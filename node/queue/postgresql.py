@@ -26,8 +26,8 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from node.queue import (
-    LEASED,
     FORGET_NODES_AFTER_S,
+    LEASED,
     UNFINISHED,
     Job,
     JobState,

@@ -19,10 +19,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from node.queue import (
+    FORGET_NODES_AFTER_S,
     LEASED,
     UNFINISHED,
     Job,
-    FORGET_NODES_AFTER_S,
     JobState,
     NewJob,
     NodeInfo,
