@@ -137,6 +137,9 @@ class AssociationSlots:
         self._held: dict[int, tuple[int, Any]] = {}  # entry -> (its hash, the association holding it)
         self._lock = threading.Lock()
 
+    def __reduce__(self) -> tuple[Any, ...]:  # handed to a new receiving process: the table, not this one's entries
+        return (AssociationSlots, (self.table, self.per_process, self.index))
+
     @classmethod
     def create(cls, processes: int, per_process: int) -> AssociationSlots:
         return cls(multiprocessing.sharedctypes.RawArray(ctypes.c_int64, processes * per_process), per_process)

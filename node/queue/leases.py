@@ -38,6 +38,12 @@ class LeaseKeeper:
         with self._lock:
             self._held.update(job_ids)
 
+    def let_go(self, job_ids: Iterable[int]) -> None:
+        """Stop renewing these jobs (the holder failed with them, e.g. the database went away mid-batch): their
+        leases run out and any node, this one included, takes them again."""
+        with self._lock:
+            self._held.difference_update(job_ids)
+
     def held(self) -> set[int]:
         with self._lock:
             return set(self._held)
