@@ -298,3 +298,90 @@ def test_postgresql_stopped_while_receiving_refuses_then_resumes_without_a_resta
         cluster.kill_all()
         pacs.stop()
         server.close()
+
+
+# -- roles without PostgreSQL: the refusal, and the association limits across receiving processes ------------------
+
+
+def test_a_partial_role_with_the_queue_in_its_own_data_folder_is_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "rx.toml", port=free_port(), data_dir=tmp_path / "rx-data")
+    done = subprocess.run(
+        [sys.executable, "-m", "node.cli", "serve", "--config", str(config), "--role", "receive"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("CXRNODE_")},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "role receive runs only part of a node" in done.stderr and "[queue] url" in done.stderr
+    assert "postgresql://" in done.stderr
+
+
+def receiving_processes(pid: int) -> list[int]:
+    """The node's extra receiving processes (multiprocessing spawns; not its resource tracker)."""
+    children = [c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    return [
+        int(child)
+        for child in children
+        if "spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
+    ]
+
+
+def test_association_limits_hold_across_receiving_processes_and_a_killed_one_frees_its_share(tmp_path: Path) -> None:
+    """max_associations = 6 over 2 receiving processes: spread over both (the kernel picks), 6 are accepted and a
+    7th is refused, which only a count across the processes can do; 2 per calling AE. A receiving process that is
+    SIGKILLed with associations open is replaced and its share given back."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    port, http_port = free_port(), free_port()
+    config = write_config(
+        tmp_path / "rx.toml",
+        port=port,
+        data_dir=tmp_path / "rx-data",
+        http_port=http_port,
+        extra=f'[queue]\nurl = "sqlite://{tmp_path / "shared-queue.sqlite"}"\n',
+    )
+    config.write_text(
+        config.read_text().replace("[node]\n", "[node]\nmax_associations = 6\nmax_associations_per_peer = 2\n")
+    )
+    node = RoleNode("rx", config, ("--role", "receive", "--receivers", "2"), http_port, tmp_path / "rx.log").start()
+    opened: list = []
+
+    def associate(calling: str):  # type: ignore[no-untyped-def]
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CXRNODE")
+        if assoc.is_established:
+            opened.append(assoc)
+        return assoc
+
+    try:
+        assert [associate(f"MOD{i}").is_established for i in range(6)] == [True] * 6
+        assert not associate("MOD9").is_established, "a 7th association over both processes"
+        for assoc in opened[:3]:
+            assoc.release()
+        del opened[:3]
+        time.sleep(0.5)
+        assert [associate("SAME").is_established for _ in range(3)] == [True, True, False], "2 per calling AE"
+        for assoc in opened:
+            assoc.release()
+        opened.clear()
+
+        [child] = receiving_processes(node.process.pid)  # type: ignore[union-attr]
+        held = [associate(f"K{i}") for i in range(6)]
+        assert all(a.is_established for a in held)
+        os.kill(child, signal.SIGKILL)  # its associations die with it; the node replaces it and frees their share
+        wait_until(lambda: receiving_processes(node.process.pid) not in ([], [child]), 60, what="a new receiver")  # type: ignore[union-attr]
+        for assoc in opened:
+            assoc.release()
+        opened.clear()
+        time.sleep(1.5)  # the pynetdicom threads of the released ones end; the entries are swept
+        assert [associate(f"N{i}").is_established for i in range(6)] == [True] * 6
+        assert not associate("N9").is_established
+        assert node.stop() == 0, node.log.read_text()[-3000:]
+    finally:
+        for assoc in opened:
+            assoc.abort()
+        node.kill()
