@@ -47,16 +47,22 @@ MAIN_PID = "_CXRNODE_MAIN_PID"  # lets node.faults stop the whole node from the 
 ROLES = ("receive", "infer", "send")
 
 
-def reconcile(spool: Spool, queue: Queue, node_id: str) -> None:
+def reconcile(spool: Spool, queue: Queue, node_id: str, keep_recent_s: float = 0.0) -> None:
     """Make the spool and the job table agree after a crash.
 
     A spooled file with no job row was never acknowledged (the crash came between the rename and the commit):
     delete it, the sender will send it again. An unfinished job whose spooled file is gone cannot be analysed:
-    mark it failed, so that it shows up instead of vanishing."""
+    mark it failed, so that it shows up instead of vanishing. With a queue shared by other nodes, which may share
+    this spool too, a file younger than `keep_recent_s` may be one that another receiving node is committing this
+    moment: it is kept (an orphan costs only its disk space until the next start)."""
     removed = spool.prepare()
     orphans = 0
     for path in list(spool.objects()):
-        if queue.find(path.stem) is None:
+        try:
+            recent = time.time() - path.stat().st_mtime < keep_recent_s
+        except FileNotFoundError:
+            continue
+        if not recent and queue.find(path.stem) is None:
             path.unlink(missing_ok=True)
             orphans += 1
     lost = 0
@@ -178,7 +184,7 @@ def _run(launch: Launch, settings: Settings, cleanup: contextlib.ExitStack, star
     queue = open_queue(settings)
     cleanup.callback(queue.close)
     if receiving:
-        reconcile(spool, queue, settings.queue.node_id)
+        reconcile(spool, queue, settings.queue.node_id, keep_recent_s=600.0 if settings.queue.url else 0.0)
     else:  # the spool's files are the receiving node's to clean up; the jobs this node's id held are taken back
         for folder in (spool.root, spool.temp, spool.results):
             folder.mkdir(parents=True, exist_ok=True)
