@@ -11,7 +11,8 @@ on a queue file the two nodes share (one host). No destination: results stay in 
 Ingest: 10 MB DX files (16-bit, 2300 x 2200) sent by DCMTK storescu over 4 parallel associations (and over 1) to
 storescp (`--fork` over 4), to Orthanc (its default SQLite index and file storage) and to a `--role receive` node on
 PostgreSQL with `--receivers 1`, 2 and 4 (durable writes: fsync of file and folder, the job committed before
-Success). Images/s is N over the wall time of the sending. Every server is fresh for each run.
+Success). Images/s is N over the wall time of the sending. Every server is fresh for each run; each round runs every
+server once, in turn, and the medians over `--rounds` are reported.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cxrnode-scale-out-"))
     server = PostgresServer(free_port())
-    results: dict[str, dict[str, float]] = {"inference_images_per_s": {}, "ingest_images_per_s": {}}
+    results: dict[str, dict] = {"inference_images_per_s": {}, "ingest_images_per_s": {}}
     try:
         if not args.skip_inference:
             (work / "small").mkdir()
@@ -216,21 +217,20 @@ def main() -> int:
             synthetic_file(work / "big", f"b{i:03d}", seed=11000 + i, size=(2300, 2200), bits=16, positive=False)
             for i in range(args.ingest_n)
         ]
-        ingest = results["ingest_images_per_s"]
-        for associations in (4, 1):
-            ingest[f"storescp, {associations} assoc"] = median_of(
-                args.rounds, lambda a=associations: storescp_ingest(fresh(work, "run"), big, a)
-            )
-            ingest[f"orthanc, {associations} assoc"] = median_of(
-                args.rounds, lambda a=associations: orthanc_ingest(fresh(work, "run"), big, a)
-            )
-            for receivers in (1, 2, 4) if associations > 1 else (1,):
-                ingest[f"cxrnode --receivers {receivers}, {associations} assoc"] = median_of(
-                    args.rounds,
-                    lambda a=associations, r=receivers: node_ingest(
-                        fresh(work, "run"), server.new_database(), big, a, r
-                    ),
+        runs: dict[str, Callable[[], float]] = {}
+        for a in (4, 1):
+            runs[f"storescp, {a} assoc"] = lambda a=a: storescp_ingest(fresh(work, "run"), big, a)
+            runs[f"orthanc, {a} assoc"] = lambda a=a: orthanc_ingest(fresh(work, "run"), big, a)
+            for r in (1, 2, 4) if a > 1 else (1,):
+                runs[f"cxrnode --receivers {r}, {a} assoc"] = lambda a=a, r=r: node_ingest(
+                    fresh(work, "run"), server.new_database(), big, a, r
                 )
+        rates: dict[str, list[float]] = {key: [] for key in runs}
+        for _ in range(args.rounds):  # every server once per round, so that a busy minute hits them all alike
+            for key, run in runs.items():
+                rates[key].append(run())
+        results["ingest_images_per_s"] = {key: statistics.median(values) for key, values in rates.items()}
+        results["ingest_rounds"] = rates  # type: ignore[assignment]
     finally:
         server.close()
         subprocess.run(["rm", "-rf", str(work)], check=False)
