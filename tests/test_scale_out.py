@@ -234,6 +234,9 @@ def test_receivers_two_gpu_nodes_and_a_sender_lose_nothing_when_a_gpu_node_is_ki
         assert roles == {"rx": ["receive"], "infer-1": ["infer"], "infer-2": ["infer"], "tx": ["send"]}
         live = {n["node_id"] for n in page["nodes"] if n["last_heartbeat_s"] < 15}
         assert live == {"rx", "infer-2", "tx"}
+        with urllib.request.urlopen(f"http://127.0.0.1:{receiving.http_port}/", timeout=10) as answer:
+            html = answer.read().decode()
+        assert "<table id=nodes>" in html and "infer-2" in html and "(this node)" in html
         with urllib.request.urlopen(f"http://127.0.0.1:{receiving.http_port}/metrics", timeout=10) as answer:
             metrics = answer.read().decode()
         assert "cxrnode_node_heartbeat_age_seconds{host=" in metrics and 'node_id="infer-2",roles="infer"' in metrics
