@@ -79,6 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "queue.url": args.queue,
         "queue.node_id": args.node_id,
         "store.url": args.store,
+        "node.roles": args.role,
+        "node.receivers": args.receivers,
     }
     return serve(
         args.config, overrides, destinations=args.destination or [], allowed_calling_aes=args.allow_calling_ae or []
@@ -438,6 +440,15 @@ def build_parser(ml_command: str | None = None) -> argparse.ArgumentParser:
         "--store",
         metavar="URL",
         help="images and results: file:///PATH (default the data dir) or the queue's postgresql://...",
+    )
+    serve.add_argument(
+        "--role",
+        metavar="ROLES",
+        help="what this node runs: receive, infer, send, comma-separated (default all three; fewer need a shared "
+        "--queue postgresql://...)",
+    )
+    serve.add_argument(
+        "--receivers", type=int, metavar="N", help="receiving processes on the one DICOM port (default 1)"
     )
     serve.set_defaults(func=cmd_serve)
 

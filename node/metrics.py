@@ -17,7 +17,8 @@ from node.queue import JobState, Queue
 
 
 class QueueCollector(Collector):
-    """cxrnode_queue_depth{state} and cxrnode_oldest_job_age_seconds, read from the queue when scraped."""
+    """cxrnode_queue_depth{state}, cxrnode_oldest_job_age_seconds and cxrnode_node_heartbeat_age_seconds{node_id,
+    roles, host}, read from the queue (the whole cluster's, when it is shared) when scraped."""
 
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
@@ -35,6 +36,16 @@ class QueueCollector(Collector):
         )
         age.add_metric([], max(0.0, time.time() - oldest) if oldest is not None else 0.0)
         yield age
+        heartbeat = GaugeMetricFamily(
+            "cxrnode_node_heartbeat_age_seconds",
+            "Seconds since each node sharing the queue last recorded a heartbeat, with its roles",
+            labels=["node_id", "roles", "host"],
+        )
+        for node in self.queue.nodes():
+            heartbeat.add_metric(
+                [node.node_id, ",".join(node.roles), node.host], max(0.0, time.time() - node.last_seen)
+            )
+        yield heartbeat
 
 
 class Metrics:

@@ -13,11 +13,16 @@ or the node is stopping, new associations are refused as transient (the sender s
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import ipaddress
 import logging
+import multiprocessing.sharedctypes
+import socket
 import ssl
 import threading
 from dataclasses import dataclass, replace
+from typing import Any
 
 from pydicom import Dataset
 from pynetdicom import AE, evt
@@ -116,16 +121,100 @@ def admission_refusal(
     return None
 
 
-def handle_requested(event: Event, receiver: Receiver) -> None:
-    """EVT_REQUESTED: apply `admission_refusal`; a refusal is sent as A-ASSOCIATE-RJ before any negotiation."""
+class AssociationSlots:
+    """The associations open in every receiving process of the node (`--receivers N`), so that max_associations and
+    the per-peer limits hold across them: a table in shared memory with one row per process, one entry per
+    association (a hash of the calling AE title; 0 = free). A process writes only its own row, one aligned 64-bit
+    word at a time, and takes no lock another process could wait on: a receiving process that is killed leaves
+    nothing held but its row, which the node clears (`clear`) before it starts a new one in its place. An entry is
+    taken when the A-ASSOCIATE-RQ arrives, before the limits are checked (two processes admitting at once may both
+    refuse, never both admit past a limit), and freed when the connection closes."""
+
+    def __init__(self, table: Any, per_process: int, index: int = 0) -> None:
+        self.table = table
+        self.per_process = per_process
+        self.index = index
+        self._held: dict[int, tuple[int, Any]] = {}  # entry -> (its hash, the association holding it)
+        self._lock = threading.Lock()
+
+    def __reduce__(self) -> tuple[Any, ...]:  # handed to a new receiving process: the table, not this one's entries
+        return (AssociationSlots, (self.table, self.per_process, self.index))
+
+    @classmethod
+    def create(cls, processes: int, per_process: int) -> AssociationSlots:
+        return cls(multiprocessing.sharedctypes.RawArray(ctypes.c_int64, processes * per_process), per_process)
+
+    def for_process(self, index: int) -> AssociationSlots:
+        """The same table as seen by receiving process `index` (what a new process is handed, pickled)."""
+        return AssociationSlots(self.table, self.per_process, index)
+
+    @staticmethod
+    def key(calling_ae: str) -> int:
+        digest = hashlib.blake2b(calling_ae.strip().encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little", signed=True) or 1
+
+    def take(self, assoc: Any, calling_ae: str) -> tuple[int, int] | None:
+        """Hold an entry for `assoc`; (associations open in all processes, of them from `calling_ae`), not counting
+        this one. None when this process's row is full."""
+        key = self.key(calling_ae)
+        first = self.index * self.per_process
+        with self._lock:
+            self._sweep()
+            free = next((i for i in range(first, first + self.per_process) if i not in self._held), None)
+            if free is None:
+                return None
+            self.table[free] = key
+            self._held[free] = (key, assoc)
+        total = from_caller = 0
+        for i, value in enumerate(self.table[:]):
+            if value and i != free:
+                total += 1
+                from_caller += value == key
+        return total, from_caller
+
+    def free(self, assoc: Any) -> None:
+        with self._lock:
+            for entry, (_, holder) in list(self._held.items()):
+                if holder is assoc:
+                    self.table[entry] = 0
+                    del self._held[entry]
+
+    def _sweep(self) -> None:
+        """Free the entries of associations whose thread ended without a close event (caller holds the lock)."""
+        for entry, (_, holder) in list(self._held.items()):
+            if not holder.is_alive():
+                self.table[entry] = 0
+                del self._held[entry]
+
+    def sweep(self) -> None:
+        with self._lock:
+            self._sweep()
+
+    def clear(self, index: int) -> None:
+        """Free every entry of receiving process `index` (it died; its associations died with it)."""
+        first = index * self.per_process
+        for i in range(first, first + self.per_process):
+            self.table[i] = 0
+
+    def open_associations(self) -> int:
+        return sum(1 for value in self.table[:] if value)
+
+
+def handle_requested(event: Event, receiver: Receiver, slots: AssociationSlots | None = None) -> None:
+    """EVT_REQUESTED: apply `admission_refusal`; a refusal is sent as A-ASSOCIATE-RJ before any negotiation. With
+    `slots`, the associations of every receiving process count; without, this process's established ones."""
     assoc = event.assoc
     request = assoc.requestor.primitive
     calling = assoc.requestor.ae_title or (request.calling_ae_title if request else "")
     called = request.called_ae_title if request is not None else ""
-    # Only established associations count: a connection that has not asked for one yet (half-open, idle,
-    # or garbage) holds no slot, and is closed by the ACSE timeout.
-    established = [a for a in assoc.ae.active_associations if a is not assoc and a.is_acceptor and a.is_established]
-    from_caller = sum(1 for other in established if other.requestor.ae_title == calling)
+    if slots is not None:
+        counted = slots.take(assoc, calling)
+        total, from_caller = counted if counted is not None else (2**31, 2**31)
+    else:
+        # Only established associations count: a connection that has not asked for one yet (half-open, idle,
+        # or garbage) holds no slot, and is closed by the ACSE timeout.
+        established = [a for a in assoc.ae.active_associations if a is not assoc and a.is_acceptor and a.is_established]
+        total, from_caller = len(established), sum(1 for a in established if a.requestor.ae_title == calling)
     refusal = admission_refusal(
         receiver.settings(),
         calling,
@@ -134,10 +223,12 @@ def handle_requested(event: Event, receiver: Receiver) -> None:
         from_caller,
         receiver.low_on_disk(),
         receiver.stopping.is_set(),
-        active_total=len(established),
+        active_total=total,
     )
     if refusal is None:
         return
+    if slots is not None:
+        slots.free(assoc)
     log.warning(
         "association rejected from %s@%s:%s: %s", calling, assoc.requestor.address, assoc.requestor.port, refusal.why
     )
@@ -255,7 +346,16 @@ def make_ae(settings: Settings) -> AE:
 
 class _BoundServer(ThreadedAssociationServer):
     """pynetdicom's server binds and listens as it is made; this one only binds, and `serve_associations` listens
-    once the node is ready, so that a peer calling during start-up is refused at once rather than left waiting."""
+    once the node is ready, so that a peer calling during start-up is refused at once rather than left waiting.
+    With `reuse_port` (SO_REUSEPORT, set before the bind) several receiving processes share the port and the kernel
+    spreads the incoming connections over them."""
+
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def server_activate(self) -> None:
         pass
@@ -264,36 +364,63 @@ class _BoundServer(ThreadedAssociationServer):
         ThreadedAssociationServer.server_activate(self)
 
 
-def bind_server(ae: AE, settings: Settings) -> ThreadedAssociationServer:
+class _SharedPortServer(_BoundServer):
+    reuse_port = True
+
+
+def bind_server(ae: AE, settings: Settings, *, shared: bool = False) -> ThreadedAssociationServer:
     """Take the DICOM port (bound, not yet listening): start-up fails here, before anything heavy, when the port is
-    taken or the TLS files are unusable."""
+    taken or the TLS files are unusable. `shared`: bound with SO_REUSEPORT, for the node's receiving processes; the
+    first of them checks first that nothing else holds the port (`check_port_free`)."""
     context = server_tls_context(settings.tls) if settings.tls.enabled else None
     address = (settings.node.host, settings.node.port)
     try:
-        return ae.make_server(address, ssl_context=context, server_class=_BoundServer)
+        return ae.make_server(address, ssl_context=context, server_class=_SharedPortServer if shared else _BoundServer)
     except OSError as error:
         raise OSError(error.errno, f"DICOM port {settings.node.host}:{settings.node.port}: {error.strerror}") from None
 
 
+def check_port_free(settings: Settings) -> None:
+    """OSError when anything (another node, even one sharing its port with SO_REUSEPORT) holds the DICOM port: a
+    plain bind, without SO_REUSEPORT, fails then. Done once before the receiving processes bind it together."""
+    family = socket.AF_INET6 if ":" in settings.node.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((settings.node.host, settings.node.port))
+        except OSError as error:
+            raise OSError(
+                error.errno, f"DICOM port {settings.node.host}:{settings.node.port}: {error.strerror}"
+            ) from None
+
+
 def serve_associations(
-    ae: AE, server: ThreadedAssociationServer, settings: Settings, receiver: Receiver
+    ae: AE,
+    server: ThreadedAssociationServer,
+    settings: Settings,
+    receiver: Receiver,
+    slots: AssociationSlots | None = None,
 ) -> ThreadedAssociationServer:
     """Answer associations on a server from `bind_server`. Each data set is received whole in memory, then stored
     by the C-STORE handler. (pynetdicom's STORE_RECV_CHUNKED_DATASET would stream it to a file as it arrives, but a
     full disk then aborts the association inside pynetdicom instead of letting the handler answer 0xA700 and clean
     up: not used.)"""
-    handlers = [
-        (evt.EVT_REQUESTED, handle_requested, [receiver]),
+    handlers: list[Any] = [
+        (evt.EVT_REQUESTED, handle_requested, [receiver, slots]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [receiver]),
         (evt.EVT_ACCEPTED, _log_accepted, [receiver]),
         (evt.EVT_REJECTED, _log_rejected, [receiver]),
     ]
+    if slots is not None:
+        handlers.append((evt.EVT_CONN_CLOSE, lambda event: slots.free(event.assoc)))
     for handler in handlers:
         server.bind(*handler)
     if isinstance(server, _BoundServer):
         server.listen()
     threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
+    if slots is not None:
+        threading.Thread(target=_sweep_forever, args=(slots,), name="association-slots", daemon=True).start()
     ae._servers.append(server)  # so that AE.shutdown() stops it too, as with AE.start_server
     log.info(
         "listening as %s on %s:%d%s",
@@ -303,6 +430,12 @@ def serve_associations(
         " (DICOM TLS)" if server.ssl_context else "",
     )
     return server
+
+
+def _sweep_forever(slots: AssociationSlots) -> None:
+    stop = threading.Event()
+    while not stop.wait(1.0):
+        slots.sweep()
 
 
 def start_server(ae: AE, settings: Settings, receiver: Receiver) -> ThreadedAssociationServer:

@@ -125,6 +125,12 @@ def status_page(data: dict[str, Any], token: str | None) -> str:
         )
         or "<tr><td colspan=7>no peers: any calling AE is accepted; results are written under the data dir</td></tr>"
     )
+    nodes = "".join(
+        f"<tr{' class=err' if n['silent'] else ''}><td>{e(n['node_id'])}{' (this node)' if n['this_node'] else ''}"
+        f"</td><td>{e(', '.join(n['roles']))}</td><td>{e(n['host'])}</td><td>{e(n['started'])}</td>"
+        f"<td class=n>{n['last_heartbeat_s']:.0f} s ago{' — silent' if n['silent'] else ''}</td></tr>"
+        for n in data.get("nodes", [])
+    )
     jobs = "".join(job_row(j, token) for j in data["jobs"]) or "<tr><td colspan=12>no jobs here</td></tr>"
     shown = f"state {e(paging['state'])}" if paging["state"] else "all states"
     if paging["before"]:
@@ -148,7 +154,8 @@ vertical-align:top}} .n{{text-align:right}} .err{{color:#b00020;max-width:16em}}
 img{{height:96px}} .banner{{background:#fff3cd;padding:6px 10px;display:inline-block}}
 </style></head><body>
 <h1>cxrnode — {e(node["ae_title"])} on {e(node["host"])}:{node["port"]}{" (TLS)" if node["tls"] else ""}</h1>
-<p id=ready>{e(ready)} · model {e(node["model_version"] or "not loaded")}</p>
+<p id=ready>{e(ready)} · model {e(node["model_version"] or "not loaded")}
+· node {e(node.get("node_id", ""))}, role {e(", ".join(node.get("roles", [])))}</p>
 <p id=node>up {duration(node["uptime_s"])} (since {e(node["started"])}) · data folder {e(node["data_dir"])}: {disk}
 · <a id=metrics href='{href(data["links"]["metrics"], token)}'>metrics</a>
 · <a id=api href='{href(data["links"]["api"], token, state=paging["state"], before=paging["before"])}'>JSON</a></p>
@@ -157,6 +164,8 @@ img{{height:96px}} .banner{{background:#fff3cd;padding:6px 10px;display:inline-b
 <table id=queue><tr>{counts}<td><a href='{href("/", token, limit=paging["limit"])}'>all</a></td>
 <td class=n>{data["total"]}</td></tr></table>
 <p id=throughput>images analysed: {windows} · since start: <b>{rate["analysed_since_start"]}</b></p>
+<h2>Nodes sharing the queue</h2>
+<table id=nodes><tr><th>node</th><th>roles</th><th>host</th><th>started</th><th>last heartbeat</th></tr>{nodes}</table>
 <h2>Peers and destinations</h2>
 <table id=peers><tr><th>name</th><th>AE title</th><th>address</th><th>may send</th><th>receives</th>
 <th>last delivery</th><th>last error</th></tr>{peers}</table>

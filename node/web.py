@@ -101,6 +101,8 @@ class StatusSources:
     throughput: Throughput = field(init=False)
     receiver: Receiver | None = None
     """Where STOW-RS requests are stored (None: POST is refused)."""
+    roles: tuple[str, ...] = ("receive", "infer", "send")
+    """What this node runs (`[node] roles`); a node without "infer" loads no model."""
     store: Store | None = None
     """Where the overlay pictures are (None: the receiver's store; with neither, no pictures)."""
 
@@ -147,7 +149,7 @@ class JobsPage:
 def readiness(sources: StatusSources) -> list[str]:
     """Reasons the node is not ready; empty when it is."""
     problems = []
-    if not sources.model_version():
+    if "infer" in sources.roles and not sources.model_version():
         problems.append("model not loaded")
     try:
         sources.queue.check_writable()
@@ -209,6 +211,8 @@ def status(sources: StatusSources, page: JobsPage | None = None) -> dict[str, An
     counts = {state.value: n for state, n in sources.queue.counts().items()}
     return {
         "node": {
+            "node_id": settings.queue.node_id,
+            "roles": list(sources.roles),
             "ae_title": settings.node.ae_title,
             "host": settings.node.host,
             "port": settings.node.port,
@@ -230,6 +234,7 @@ def status(sources: StatusSources, page: JobsPage | None = None) -> dict[str, An
                 for minutes in WINDOWS_MIN
             },
         },
+        "nodes": cluster(sources, now),
         "links": {"metrics": "/metrics", "api": "/api/status"},
         "peers": [
             {
@@ -253,6 +258,25 @@ def status(sources: StatusSources, page: JobsPage | None = None) -> dict[str, An
     }
 
 
+def cluster(sources: StatusSources, now: float) -> list[dict[str, Any]]:
+    """Every node sharing the queue (this one included), from their heartbeats: a node silent for longer than
+    SILENT_AFTER_S heartbeats is marked so (stopped, or cut off from the database)."""
+    return [
+        {
+            "node_id": n.node_id,
+            "roles": list(n.roles),
+            "host": n.host,
+            "started": local_time(n.started_at),
+            "last_heartbeat_s": round(max(0.0, now - n.last_seen), 1),
+            "silent": now - n.last_seen > SILENT_AFTER_S,
+            "this_node": n.node_id == sources.settings().queue.node_id,
+        }
+        for n in sources.queue.nodes()
+    ]
+
+
+SILENT_AFTER_S = 30.0
+"""A node heartbeats every 5 s at most (node.service); three missed beats and more make it silent."""
 PICTURE = re.compile(rf"/({THUMBNAILS}|{OVERLAYS})/(\d+)\.(png|jpg)")
 TOKEN_IN_QUERY = re.compile(r"(token=)[^&\s]*")
 

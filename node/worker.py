@@ -123,6 +123,7 @@ class Worker:
     def _feed(self) -> None:
         lower_priority(self.settings().inference.nice)
         while not self.stopping.is_set():
+            jobs = []
             try:
                 jobs = self._take_batch()
                 if not jobs:
@@ -141,6 +142,7 @@ class Worker:
                         continue
             except Exception:  # the worker must survive anything one batch does; the jobs stay recoverable
                 log.exception("worker: unexpected error while preparing; retrying in 5 s")
+                self.leases.let_go(job.id for job in jobs)  # taken again (by any node) when their leases run out
                 self.stopping.wait(5.0)
 
     def _run(self) -> None:
@@ -154,7 +156,8 @@ class Worker:
             try:
                 self.infer(prepared)
             except Exception:
-                log.exception("worker: unexpected error in inference; the batch is resumed at the next start")
+                log.exception("worker: unexpected error in inference; the batch is taken again when its leases end")
+                self.leases.let_go(item.job.id for item in prepared)
 
     def _claim(self, limit: int) -> list[Job]:
         jobs = self.queue.claim(limit, self.node_id, self.settings().queue.lease_s)
@@ -197,7 +200,8 @@ class Worker:
         try:
             self._write(item, finding)
         except Exception:
-            log.exception("job=%d: unexpected error while writing; resumed at the next start", item.job.id)
+            log.exception("job=%d: unexpected error while writing; taken again when its lease ends", item.job.id)
+            self.leases.let_go([item.job.id])
         finally:
             self.writes_in_flight.release()
 

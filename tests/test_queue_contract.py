@@ -400,6 +400,42 @@ def test_nodes_starting_together_apply_the_schema_once(url: str) -> None:
             queue.close()
 
 
+# -- the nodes' heartbeats ----------------------------------------------------------------------------------------------
+
+
+def test_heartbeats_show_every_node_its_roles_and_when_it_was_last_seen(open_queue: Opener) -> None:
+    receiving, gpu = open_queue(), open_queue()
+    before = time.time()
+    receiving.heartbeat("rx-1", ["receive"], "host-a", 1000.0)
+    gpu.heartbeat("gpu-1", ["infer"], "host-b", 2000.0)
+    seen = {n.node_id: n for n in receiving.nodes()}
+    assert set(seen) == {"rx-1", "gpu-1"}
+    assert seen["gpu-1"].roles == ("infer",) and seen["gpu-1"].host == "host-b" and seen["gpu-1"].started_at == 2000
+    assert seen["rx-1"].roles == ("receive",) and seen["rx-1"].last_seen >= before - 5  # server clock, same host
+    time.sleep(0.05)
+    gpu.heartbeat("rx-1", ["receive", "send"], "host-a", 1000.0)  # the row is the node's, whichever handle writes
+    nodes = receiving.nodes()
+    assert [n.node_id for n in nodes] == ["rx-1", "gpu-1"], "most recently seen first"
+    assert nodes[0].roles == ("receive", "send") and nodes[0].last_seen > nodes[1].last_seen
+
+
+def test_a_node_silent_for_a_day_is_forgotten(url: str, open_queue: Opener) -> None:
+    queue = open_queue()
+    queue.heartbeat("old", ["infer"], "h", 1.0)
+    queue.heartbeat("new", ["send"], "h", 1.0)
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        with sqlite3.connect(url[len("sqlite://") :]) as db:
+            db.execute("UPDATE nodes SET last_seen = last_seen - 90000 WHERE node_id = 'old'")
+    else:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute("UPDATE nodes SET last_seen = last_seen - 90000 WHERE node_id = 'old'")
+    assert [n.node_id for n in queue.nodes()] == ["new"]
+
+
 # -- wake-ups ---------------------------------------------------------------------------------------------------------
 
 

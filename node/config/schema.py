@@ -12,7 +12,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -83,6 +83,15 @@ class NodeSettings(_Section):
     # bigger ones are refused with 0xA700 before anything is written or decoded.
     max_object_mb: Annotated[float, Field(gt=0)] = 512
     max_decoded_mb: Annotated[float, Field(gt=0)] = 1024
+    # What this node runs: "receive" (the SCP and STOW-RS), "infer" (the worker process and its models), "send" (the
+    # sender). Any subset but all three needs a [queue] url the other nodes share (node.service.check_roles).
+    roles: Annotated[list[Literal["receive", "infer", "send"]], AfterValidator(_unique), AfterValidator(_not_empty)] = [
+        "receive",
+        "infer",
+        "send",
+    ]
+    # Receiving processes on the one DICOM port (SO_REUSEPORT); the association limits count across them.
+    receivers: Annotated[int, Field(ge=1, le=64)] = 1
 
     @model_validator(mode="after")
     def _absolute_data_dir(self) -> NodeSettings:

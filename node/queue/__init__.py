@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 QUEUE_FILE = "queue.sqlite"
 """The embedded queue's file in the data dir, when no `[queue] url` is configured."""
 DEFAULT_LEASE_S = 30.0
+FORGET_NODES_AFTER_S = 86400.0
+"""A node silent this long drops out of `Queue.nodes` (its row is deleted at the next heartbeat of any node)."""
 
 
 class JobState(enum.StrEnum):
@@ -168,6 +170,19 @@ class Job:
     """Until when (Unix time; the database server's clock on PostgreSQL) the owner holds it, unless renewed."""
 
 
+@dataclass(frozen=True)
+class NodeInfo:
+    """One node sharing the queue, as its last heartbeat left it (`Queue.heartbeat`)."""
+
+    node_id: str
+    roles: tuple[str, ...]
+    """What it runs: some of "receive", "infer", "send"."""
+    host: str
+    started_at: float
+    last_seen: float
+    """Unix time of its last heartbeat (the database server's clock on PostgreSQL)."""
+
+
 # -- the contract -----------------------------------------------------------------------------------------------------
 
 
@@ -268,6 +283,13 @@ class Queue(Protocol):
         holds, whose lease expired, or whose owner was a process on this host that is gone (`holder_is_gone`) go
         back to `received`; those owners' `sending` jobs are let go. A live node's jobs are never taken.
         Returns how many went back to `received`."""
+
+    def heartbeat(self, node_id: str, roles: Sequence[str], host: str, started_at: float) -> None:
+        """Record that `node_id` (running `roles` on `host` since `started_at`) is alive now. Nodes silent for a day
+        are forgotten."""
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every node that sent a heartbeat in the last day, most recently seen first."""
 
     def listen(self, work: Work, wake: WakeUp) -> None:
         """Until `close`, call `wake.set()` when a job becomes ready for `work`. PostgreSQL: a change made by any

@@ -39,7 +39,8 @@ class LeaseKeeper:
             self._held.update(job_ids)
 
     def let_go(self, job_ids: Iterable[int]) -> None:
-        """Stop renewing these jobs: their leases end and anyone may take them then (after a failure to record)."""
+        """Stop renewing these jobs (the holder failed with them, e.g. the database went away mid-batch): their
+        leases run out and any node, this one included, takes them again."""
         with self._lock:
             self._held.difference_update(job_ids)
 

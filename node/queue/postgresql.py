@@ -26,11 +26,13 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from node.queue import (
+    FORGET_NODES_AFTER_S,
     LEASED,
     UNFINISHED,
     Job,
     JobState,
     NewJob,
+    NodeInfo,
     QueueError,
     QueueSchemaError,
     QueueUnavailable,
@@ -337,6 +339,32 @@ class PostgreSQLQueue:
             if resumed:
                 self._notify(db, JobState.RECEIVED)
         return resumed
+
+    def heartbeat(self, node_id: str, roles: Sequence[str], host: str, started_at: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO nodes (node_id, roles, host, started_at, last_seen)"
+                f" VALUES (%s, %s, %s, %s, {NOW}) ON CONFLICT (node_id) DO UPDATE SET roles = excluded.roles,"
+                " host = excluded.host, started_at = excluded.started_at, last_seen = excluded.last_seen",
+                (node_id, ",".join(roles), host, started_at),
+            )
+            db.execute(f"DELETE FROM nodes WHERE last_seen < {NOW} - %s", (FORGET_NODES_AFTER_S,))
+
+    def nodes(self) -> list[NodeInfo]:
+        rows = self._all(
+            f"SELECT * FROM nodes WHERE last_seen >= {NOW} - %s ORDER BY last_seen DESC, node_id",
+            (FORGET_NODES_AFTER_S,),
+        )
+        return [
+            NodeInfo(
+                node_id=row["node_id"],
+                roles=tuple(r for r in row["roles"].split(",") if r),
+                host=row["host"],
+                started_at=float(row["started_at"]),
+                last_seen=float(row["last_seen"]),
+            )
+            for row in rows
+        ]
 
     def listen(self, work: Work, wake: WakeUp) -> None:
         if self._listener is None:

@@ -19,11 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from node.queue import (
+    FORGET_NODES_AFTER_S,
     LEASED,
     UNFINISHED,
     Job,
     JobState,
     NewJob,
+    NodeInfo,
     QueueError,
     QueueSchemaError,
     QueueUnavailable,
@@ -402,6 +404,24 @@ class SQLiteQueue:
             self._announce(JobState.RECEIVED)
         return resumed
 
+    def heartbeat(self, node_id: str, roles: Sequence[str], host: str, started_at: float) -> None:
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO nodes (node_id, roles, host, started_at, last_seen) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (node_id) DO UPDATE SET roles = excluded.roles, host = excluded.host,"
+                " started_at = excluded.started_at, last_seen = excluded.last_seen",
+                (node_id, ",".join(roles), host, started_at, now),
+            )
+            db.execute("DELETE FROM nodes WHERE last_seen < ?", (now - FORGET_NODES_AFTER_S,))
+
+    def nodes(self) -> list[NodeInfo]:
+        rows = self._read(
+            "SELECT * FROM nodes WHERE last_seen >= ? ORDER BY last_seen DESC, node_id",
+            (time.time() - FORGET_NODES_AFTER_S,),
+        )
+        return [_node(row) for row in rows]
+
     def listen(self, work: Work, wake: WakeUp) -> None:
         self._listeners[work].append(wake)
 
@@ -427,6 +447,16 @@ def _guarded(sql: str, params: list[object], expect: JobState | None, node_id: s
         sql += " AND owner = ?"
         params.append(node_id)
     return sql, params
+
+
+def _node(row: sqlite3.Row) -> NodeInfo:
+    return NodeInfo(
+        node_id=row["node_id"],
+        roles=tuple(r for r in row["roles"].split(",") if r),
+        host=row["host"],
+        started_at=float(row["started_at"]),
+        last_seen=float(row["last_seen"]),
+    )
 
 
 def _job(row: sqlite3.Row, **replaced: object) -> Job:
