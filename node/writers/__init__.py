@@ -2,6 +2,10 @@
 
 - `node.writers.seg.segmentation` — Segmentation (SEG): lung opacity, right lung, left lung.
 - `node.writers.sr.measurement_report` — Enhanced SR with a TID 1500 Measurement Report.
+- `node.writers.gsps.presentation_state` — Grayscale Softcopy Presentation State drawing the finding over the image.
+- `node.writers.sc.burned_in_capture` — Secondary Capture with the finding burned in.
+- `node.writers.identity` — what every result object's identity is made of (UIDs, numbers, equipment, dates).
+- `node.writers.contours` — outlines of a mask as polylines; `node.writers.grayscale` — a GSPS's grayscale pipeline.
 - `node.writers.uids` — the deterministic UIDs they assign.
 - `node.writers.codes` — the coded concepts they use.
 

@@ -26,22 +26,16 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from models.finding import Finding
 from node.overlay import render_overlay
-from node.writers import (
-    check_finding,
-    cxrnode_version,
-    options_token,
-    pin_clock_values,
-    result_key,
-    source_header,
-    source_instance_number,
-    uids,
-)
-from node.writers.gsps import body_part_examined
+from node.writers import body_part_examined, pin_clock_values, uids
+from node.writers.identity import ResultNames, checked_header, result_identity
 
 logger = logging.getLogger(__name__)
 
 KIND = "sc"
 """The `kind` of the SC's UIDs (`uids.ResultKey.instance_uid`, `uids.ResultKey.series_uid`)."""
+
+SERIES_DESCRIPTION = "lung opacity overlay - not for diagnosis"
+"""Series Description after the algorithm's name, unless the call gives one."""
 
 DEFAULT_SERIES_NUMBER = 7704
 """Series Number of cxrnode's SC series (one per study and model version)."""
@@ -80,30 +74,18 @@ def burned_in_capture(
     Raises `node.writers.SourceImageError` for an unsupported source, ValueError when the finding or the pixels do
     not fit it.
     """
-    header = source_header(source)
-    check_finding(header, finding)
+    header = checked_header(source, finding)
     shape = (int(header.Rows), int(header.Columns))
     if not isinstance(pixels, np.ndarray) or pixels.shape != shape:
         raise ValueError(f'Argument "pixels" has shape {getattr(pixels, "shape", None)}; the source image is {shape}.')
     if max_side < 1:
         raise ValueError(f'Argument "max_side" must be positive, not {max_side}.')
-    if content_datetime is None:
-        content_datetime = datetime.datetime.now()
-    model_version = finding.model_version
-    software_version = software_version or cxrnode_version()
-    key = result_key(source, finding, key, software_version)
-    sop_instance_uid = key.instance_uid(
-        KIND,
-        options_token(
-            algorithm_name=algorithm_name,
-            manufacturer=manufacturer,
-            device_serial_number=device_serial_number,
-            series_number=series_number,
-            instance_number=instance_number,
-            series_description=series_description,
-            max_side=max_side,
-        ),
+    names = ResultNames(
+        algorithm_name, manufacturer, series_number, instance_number, series_description, SERIES_DESCRIPTION
     )
+    options = {"device_serial_number": device_serial_number, "max_side": max_side}
+    identity = result_identity(source, header, finding, KIND, key, software_version, content_datetime, names, options)
+    key, model_version = identity.key, identity.model_version
 
     picture = np.ascontiguousarray(np.asarray(render_overlay(pixels, finding, max_side=max_side).convert("RGB")))
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -112,19 +94,11 @@ def burned_in_capture(
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=key.series_uid(KIND),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number if instance_number is not None else source_instance_number(header),
-        manufacturer=manufacturer,
+        **identity.highdicom_arguments(),
         patient_orientation=_PLACEHOLDER_ORIENTATION,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        manufacturer_model_name=algorithm_name,
-        software_versions=software_version,
-        device_serial_number=device_serial_number or uids.device_serial_number(software_version, model_version),
-        series_description=series_description or f"{algorithm_name} lung opacity overlay - not for diagnosis",
-        content_date=content_datetime.date(),
-        content_time=content_datetime.time(),
+        device_serial_number=identity.device_serial_number,
+        **identity.content_date_and_time(),
     )
     sc.copy_patient_and_study_information(header)
     sc.PatientOrientation = header.get("PatientOrientation") or None
@@ -138,9 +112,9 @@ def burned_in_capture(
     )
     sc.SourceImageSequence = [_source_image_item(header)]
     _carry_lossy_compression(sc, header)
-    sc.DateOfSecondaryCapture = content_datetime.strftime("%Y%m%d")
-    sc.TimeOfSecondaryCapture = content_datetime.strftime("%H%M%S.%f")
-    pin_clock_values(sc, content_datetime)
+    sc.DateOfSecondaryCapture = identity.content_datetime.strftime("%Y%m%d")
+    sc.TimeOfSecondaryCapture = identity.content_datetime.strftime("%H%M%S.%f")
+    pin_clock_values(sc, identity.content_datetime)
     return sc
 
 

@@ -28,23 +28,16 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
 from models.finding import Finding
-from node.writers import (
-    body_part_examined,
-    check_finding,
-    codes,
-    cxrnode_version,
-    options_token,
-    pin_clock_values,
-    result_key,
-    source_header,
-    source_instance_number,
-    uids,
-)
+from node.writers import body_part_examined, codes, pin_clock_values, uids
+from node.writers.identity import ResultNames, checked_header, result_identity
 
 logger = logging.getLogger(__name__)
 
 KIND = "seg"
 """The `kind` of the SEG's UIDs (`uids.ResultKey.instance_uid`, `uids.ResultKey.series_uid`)."""
+
+SERIES_DESCRIPTION = "lung opacity SEG"
+"""Series Description after the algorithm's name, unless the call gives one."""
 
 DEFAULT_SERIES_NUMBER = 7701
 """Series Number of cxrnode's SEG series (one per study and model version)."""
@@ -85,24 +78,13 @@ def segmentation(
 
     Raises `node.writers.SourceImageError` for an unsupported source, ValueError when the finding does not fit it.
     """
-    header = source_header(source)
-    check_finding(header, finding)
-    if content_datetime is None:
-        content_datetime = datetime.datetime.now()
-    model_version = finding.model_version
-    software_version = software_version or cxrnode_version()
-    key = result_key(source, finding, key, software_version)
-    sop_instance_uid = key.instance_uid(
-        KIND,
-        options_token(
-            algorithm_name=algorithm_name,
-            manufacturer=manufacturer,
-            device_serial_number=device_serial_number,
-            series_number=series_number,
-            instance_number=instance_number,
-            series_description=series_description,
-        ),
+    header = checked_header(source, finding)
+    names = ResultNames(
+        algorithm_name, manufacturer, series_number, instance_number, series_description, SERIES_DESCRIPTION
     )
+    options = {"device_serial_number": device_serial_number}
+    identity = result_identity(source, header, finding, KIND, key, software_version, content_datetime, names, options)
+    key, model_version = identity.key, identity.model_version
 
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name,
@@ -149,25 +131,17 @@ def segmentation(
         pixel_array=pixel_array.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=key.series_uid(KIND),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number if instance_number is not None else source_instance_number(header),
-        manufacturer=manufacturer,
-        manufacturer_model_name=algorithm_name,
-        software_versions=software_version,
-        device_serial_number=device_serial_number or uids.device_serial_number(software_version, model_version),
+        **identity.highdicom_arguments(),
+        device_serial_number=identity.device_serial_number,
         omit_empty_frames=False,
         content_label="LUNG_OPACITY",
         content_description=_content_description(algorithm_name, model_version),
-        series_description=series_description or f"{algorithm_name} lung opacity SEG",
-        content_date=content_datetime.date(),
-        content_time=content_datetime.time(),
+        **identity.content_date_and_time(),
     )
     _add_patient_orientation(seg, header)
     seg.BodyPartExamined = body_part_examined(header)
-    _pin_dimension_organization_uid(seg, key, sop_instance_uid)
-    pin_clock_values(seg, content_datetime)
+    _pin_dimension_organization_uid(seg, key, identity.sop_instance_uid)
+    pin_clock_values(seg, identity.content_datetime)
     return seg
 
 

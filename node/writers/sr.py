@@ -63,24 +63,17 @@ from pydicom.sr.coding import Code
 from pydicom.uid import SegmentationStorage
 
 from models.finding import Finding, Opacity
-from node.writers import (
-    check_finding,
-    codes,
-    cxrnode_version,
-    options_token,
-    pin_clock_values,
-    pixel_spacing_mm,
-    result_key,
-    source_header,
-    source_instance_number,
-    uids,
-)
+from node.writers import codes, pin_clock_values, pixel_spacing_mm, uids
+from node.writers.identity import ResultNames, checked_header, result_identity
 from node.writers.seg import LEFT_LUNG_SEGMENT, OPACITY_SEGMENT, RIGHT_LUNG_SEGMENT
 
 logger = logging.getLogger(__name__)
 
 KIND = "sr"
 """The `kind` of the SR's UIDs (`uids.ResultKey.instance_uid`, `uids.ResultKey.series_uid`)."""
+
+SERIES_DESCRIPTION = "lung opacity report"
+"""Series Description after the algorithm's name, unless the call gives one."""
 
 DEFAULT_SERIES_NUMBER = 7702
 """Series Number of cxrnode's SR series (one per study, model version and settings)."""
@@ -122,17 +115,20 @@ def measurement_report(
     Raises `node.writers.SourceImageError` for an unsupported source, ValueError when the finding or the SEG does
     not fit the source.
     """
-    header = source_header(source)
-    check_finding(header, finding)
+    header = checked_header(source, finding)
     if segmentation is not None:
         _check_segmentation(segmentation, header)
     if orientation_note is not None and not orientation_note.strip():
         raise ValueError('Argument "orientation_note" may not be empty; pass None when there is nothing to note.')
-    if content_datetime is None:
-        content_datetime = datetime.datetime.now()
-    model_version = finding.model_version
-    software_version = software_version or cxrnode_version()
-    key = result_key(source, finding, key, software_version)
+    names = ResultNames(
+        algorithm_name, manufacturer, series_number, instance_number, series_description, SERIES_DESCRIPTION
+    )
+    options = {
+        "segmentation": None if segmentation is None else str(segmentation.SOPInstanceUID),
+        "orientation_note": orientation_note,
+    }
+    identity = result_identity(source, header, finding, KIND, key, software_version, content_datetime, names, options)
+    key, model_version = identity.key, identity.model_version
     spacing = pixel_spacing_mm(header)
     algorithm = hd.sr.AlgorithmIdentification(
         name=algorithm_name,
@@ -162,7 +158,7 @@ def measurement_report(
             name=algorithm_name,
             manufacturer_name=manufacturer,
             model_name=model_version,
-            serial_number=uids.device_serial_number(software_version, model_version),
+            serial_number=identity.device_serial_number,
         ),
     )
     report = hd.sr.MeasurementReport(
@@ -175,38 +171,18 @@ def measurement_report(
     _drop_alternative_segment_numbers(content)
     _add_evaluations(content, finding, orientation_note)
 
-    sop_instance_uid = key.instance_uid(
-        KIND,
-        options_token(
-            segmentation=None if segmentation is None else str(segmentation.SOPInstanceUID),
-            orientation_note=orientation_note,
-            algorithm_name=algorithm_name,
-            manufacturer=manufacturer,
-            series_number=series_number,
-            instance_number=instance_number,
-            series_description=series_description,
-        ),
-    )
     document = hd.sr.EnhancedSR(
         evidence=[header] if segmentation is None else [header, segmentation],
         content=content,
-        series_instance_uid=key.series_uid(KIND),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number if instance_number is not None else source_instance_number(header),
-        manufacturer=manufacturer,
-        manufacturer_model_name=algorithm_name,
-        software_versions=software_version,
+        **identity.highdicom_arguments(),
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description=series_description or f"{algorithm_name} lung opacity report",
-        content_date=content_datetime.date(),
-        content_time=content_datetime.time(),
+        **identity.content_date_and_time(),
         coding_schemes=[codes.cxrnode_coding_scheme()],
     )
-    document.DeviceSerialNumber = uids.device_serial_number(software_version, model_version)
-    pin_clock_values(document, content_datetime)
+    document.DeviceSerialNumber = identity.device_serial_number
+    pin_clock_values(document, identity.content_datetime)
     return document
 
 
