@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from models.finding import Finding
+from models.finding import Finding, Thresholds
 from node.writers import (
     check_finding,
     cxrnode_version,
@@ -134,3 +134,16 @@ def result_identity(
         algorithm_name=names.algorithm_name,
         device_serial_number=str(device_serial_number or uids.device_serial_number(software_version, model_version)),
     )
+
+
+def threshold_parameters(thresholds: Thresholds) -> dict[str, str]:
+    """The thresholds that made a Finding, as the algorithm parameters the SEG and the SR record (the severity mask
+    threshold only when the weights or the configuration set one)."""
+    parameters = {
+        "score_threshold": f"{thresholds.score:g}",
+        "mask_threshold": f"{thresholds.mask:g}",
+        "present_threshold": f"{thresholds.present:g}",
+    }
+    if thresholds.severity_mask is not None:
+        parameters["severity_mask_threshold"] = f"{thresholds.severity_mask:g}"
+    return parameters

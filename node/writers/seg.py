@@ -29,7 +29,7 @@ from pydicom.uid import UID
 
 from models.finding import Finding
 from node.writers import body_part_examined, codes, pin_clock_values, uids
-from node.writers.identity import ResultNames, checked_header, result_identity
+from node.writers.identity import ResultNames, checked_header, result_identity, threshold_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -176,12 +176,7 @@ def segment_tracking_uid(key: uids.ResultKey, segment_number: int) -> UID:
 
 
 def _algorithm_parameters(finding: Finding) -> dict[str, str]:
-    thresholds = finding.thresholds
-    return {
-        "score_threshold": f"{thresholds.score:g}",
-        "mask_threshold": f"{thresholds.mask:g}",
-        "present_threshold": f"{thresholds.present:g}",
-    }
+    return threshold_parameters(finding.thresholds)
 
 
 def _content_description(algorithm_name: str, model_version: str) -> str:

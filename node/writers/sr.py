@@ -64,7 +64,7 @@ from pydicom.uid import SegmentationStorage
 
 from models.finding import Finding, Opacity
 from node.writers import codes, pin_clock_values, pixel_spacing_mm, uids
-from node.writers.identity import ResultNames, checked_header, result_identity
+from node.writers.identity import ResultNames, checked_header, result_identity, threshold_parameters
 from node.writers.seg import LEFT_LUNG_SEGMENT, OPACITY_SEGMENT, RIGHT_LUNG_SEGMENT
 
 logger = logging.getLogger(__name__)
@@ -134,11 +134,7 @@ def measurement_report(
         name=algorithm_name,
         version=model_version,
         family=codes.ARTIFICIAL_INTELLIGENCE,
-        parameters=[
-            f"score_threshold={finding.thresholds.score:g}",
-            f"mask_threshold={finding.thresholds.mask:g}",
-            f"present_threshold={finding.thresholds.present:g}",
-        ],
+        parameters=[f"{name}={value}" for name, value in threshold_parameters(finding.thresholds).items()],
     )
 
     groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
