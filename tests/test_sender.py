@@ -156,8 +156,14 @@ def test_a_silent_destination_delays_only_its_own_results(images: list[Path], tm
         try:
             assert storescu(port, images).returncode == 0
             wait_until(lambda: len(pacs.files()) == 2 * len(images), timeout=180, what="every live result")
-            audit = [json.loads(line) for line in (data_dir / "audit.jsonl").read_text().splitlines()]
-            deliveries = [a for a in audit if a["event"] == "delivery"]
+
+            def live_deliveries() -> list[dict]:  # the audit line follows the PACS's answer: wait for it too
+                audit = [json.loads(line) for line in (data_dir / "audit.jsonl").read_text().splitlines()]
+                deliveries = [a for a in audit if a["event"] == "delivery"]
+                live = [a for a in deliveries if a["destination"] == "pacs"]
+                return deliveries if len(live) == len(images) else []
+
+            deliveries = wait_until(live_deliveries, timeout=30, what="every live delivery in the audit log")
             live = {a["job"]: a["time"] for a in deliveries if a["destination"] == "pacs"}
             dead_failures = [a for a in deliveries if a["destination"] == "dead"]
             assert len(live) == len(images)
