@@ -10,6 +10,15 @@ Three stages overlap, so that the Predictor (the GPU, when there is one) is neve
     infer thread    Predictor.predict on the batch
        │  at most 2 x batch_size findings wait here
     write pool      SEG / SR / GSPS / SC written durably, job moves on to sending (or done)
+
+An image that kills the worker process (a crash in a native library, the out-of-memory killer) must not kill it for
+ever, nor take the rest of its batch with it each time. The queue counts the claims of each job (`Job.claims`):
+
+- a job claimed before (claims > 1) was held by a worker that never finished it, and may be what killed it. Such a
+  suspect is analysed alone: the rest of its claim is handed back untried, what is in hand is finished first, and
+  nothing else is claimed until it is done, so whatever happens to the worker then is charged to it alone;
+- a job claimed more than `inference.max_tries` times is failed without running the models (`cxrnode resend`
+  tries it again once the cause is fixed).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from pydicom import Dataset, dcmread
 from models import Finding, Predictor
 from models.errors import ModelsError
 from node.config import Settings
-from node.faults import crash_point
+from node.faults import crash_point, worker_dies_on
 from node.orientation import Orientation, display_orientation, finding_to_stored, to_display
 from node.outputs import finding_summary, write_results
 from node.overlay import render_overlay
@@ -55,6 +64,11 @@ def lower_priority(nice: int) -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         except (OSError, AttributeError):
             log.debug("cannot lower the priority of thread %s", threading.current_thread().name)
+
+
+def suspect(job: Job) -> bool:
+    """Claimed before by a worker that never finished it (it died or lost its lease): maybe what killed it."""
+    return job.claims > 1
 
 
 @dataclass
@@ -140,6 +154,8 @@ class Worker:
                         break
                     except Full:
                         continue
+                if any(suspect(job) for job in jobs):
+                    self._wait_until_analysed()  # a suspect runs alone: nothing else is claimed meanwhile
             except Exception:  # the worker must survive anything one batch does; the jobs stay recoverable
                 log.exception("worker: unexpected error while preparing; retrying in 5 s")
                 self.leases.let_go(job.id for job in jobs)  # taken again (by any node) when their leases run out
@@ -158,15 +174,25 @@ class Worker:
             except Exception:
                 log.exception("worker: unexpected error in inference; the batch is taken again when its leases end")
                 self.leases.let_go(item.job.id for item in prepared)
+            finally:
+                self.batches.task_done()  # what `_wait_until_analysed` waits for
 
     def _claim(self, limit: int) -> list[Job]:
+        """Claim up to `limit` jobs; those whose tries are used up are failed, the others returned."""
         jobs = self.queue.claim(limit, self.node_id, self.settings().queue.lease_s)
+        max_tries = self.settings().inference.max_tries
+        for job in jobs:
+            if job.claims > max_tries:
+                self._give_up(job, max_tries)
+        jobs = [job for job in jobs if job.claims <= max_tries]
         self.leases.hold(job.id for job in jobs)
         return jobs
 
     def _take_batch(self) -> list[Job]:
         inference = self.settings().inference
         jobs = self._claim(inference.batch_size)
+        if any(suspect(job) for job in jobs):
+            return self._isolate(jobs)
         if not jobs or len(jobs) >= inference.batch_size:
             return jobs
         deadline = time.monotonic() + inference.max_wait_ms / 1000
@@ -177,13 +203,42 @@ class Worker:
             self.wake.wait(timeout=remaining)
             self.wake.clear()
             jobs += self._claim(inference.batch_size - len(jobs))
+            if any(suspect(job) for job in jobs):
+                return self._isolate(jobs)
         return jobs
+
+    def _isolate(self, jobs: list[Job]) -> list[Job]:
+        """The first suspect of a claim, alone; the other jobs go back untried (their claim not counted). If a batch
+        is still being analysed, everything goes back and the worker waits for it to end first: should that batch
+        kill the worker, the suspect must not be charged for it."""
+        first = next(job for job in jobs if suspect(job))
+        busy = self.batches.unfinished_tasks > 0
+        back = jobs if busy else [job for job in jobs if job is not first]
+        self.leases.let_go(job.id for job in back)
+        self.queue.hand_back([job.id for job in back], self.node_id)
+        if busy:
+            self._wait_until_analysed()
+            return []
+        log.info(
+            "job=%d sop=%s: claim %d (a worker held it before and never finished it): analysed alone",
+            first.id,
+            first.sop_instance_uid,
+            first.claims,
+        )
+        return [first]
+
+    def _wait_until_analysed(self) -> None:
+        """Until every batch handed to the inference thread has been analysed (or the worker stops)."""
+        with self.batches.all_tasks_done:
+            while self.batches.unfinished_tasks and not self.stopping.is_set():
+                self.batches.all_tasks_done.wait(1.0)
 
     # -- one batch --------------------------------------------------------------------------------------------------
 
     def infer(self, prepared: list[Prepared]) -> None:
         started = time.perf_counter()
         crash_point("inferring")
+        worker_dies_on(item.job.sop_instance_uid for item in prepared)
         findings = self._predict(prepared)
         elapsed = time.perf_counter() - started
         self.report("inference_seconds", elapsed)
@@ -216,7 +271,7 @@ class Worker:
             return None
         except StoreError as error:  # unreachable for now: the job waits for the next claim
             log.warning("job=%d: cannot read its object (%s); analysed later", job.id, error)
-            self.queue.set_state(job.id, JobState.RECEIVED, node_id=self.node_id, error=f"cannot read: {error}")
+            self.queue.hand_back([job.id], self.node_id, error=f"cannot read: {error}")  # not counted as a try
             return None
         try:
             source = dcmread(BytesIO(data))
@@ -264,9 +319,8 @@ class Worker:
             )
         except (StoreError, OSError) as error:  # store full or unreachable: the job stays recoverable, try later
             log.error("job=%d sop=%s: cannot write results (%s); will retry", job.id, job.sop_instance_uid, error)
-            self.queue.set_state(
-                job.id, JobState.RECEIVED, node_id=self.node_id, error=f"cannot write results: {error}"
-            )
+            # Not the image's fault: the claim is not counted against its tries.
+            self.queue.hand_back([job.id], self.node_id, error=f"cannot write results: {error}")
             self.stopping.wait(5.0)
             return
         except Exception as error:
@@ -322,6 +376,14 @@ class Worker:
                 self.store.delete(job.spool_path)
             except StoreError as error:
                 log.warning("job=%d: its object stays in the store (%s)", job.id, error)
+
+    def _give_up(self, job: Job, max_tries: int) -> None:
+        """A job whose every try ended with no result: failed without running the models."""
+        self._fail(
+            job,
+            f"analysis did not finish in {max_tries} tries (the worker process died or lost its lease each time);"
+            f" not tried again: `cxrnode resend {job.id}` once the cause is fixed",
+        )
 
     def _fail(self, job: Job, reason: str) -> None:
         log.warning("job=%d sop=%s failed: %s", job.id, job.sop_instance_uid, reason)

@@ -54,7 +54,7 @@ def describe(settings: Settings) -> str:
     inf = settings.inference
     lines.append(
         f"inference  device {inf.device}, batch {inf.batch_size}, wait {inf.max_wait_ms} ms, "
-        f"weights {inf.weights or 'demo (shipped)'}"
+        f"{inf.max_tries} tries, weights {inf.weights or 'demo (shipped)'}"
     )
     lines.append(f"outputs    {', '.join(settings.outputs.objects)}")
     s = settings.sender

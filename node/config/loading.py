@@ -49,6 +49,7 @@ ENV_DESTINATION_PASSWORD = "CXRNODE_DESTINATION_PASSWORD"
 ENV_NOT_SETTINGS = {
     ENV_CONFIG,
     "CXRNODE_CRASH_AT",  # node.faults, for fault-injection tests
+    "CXRNODE_WORKER_DIES_ON",  # node.faults: the worker process kills itself before analysing this SOP Instance
     ENV_DESTINATION_TOKEN,
     ENV_DESTINATION_USERNAME,
     ENV_DESTINATION_PASSWORD,

@@ -290,6 +290,10 @@ class InferenceSettings(_Section):
     ] = "auto"
     batch_size: Annotated[int, Field(ge=1, le=64)] = 4
     max_wait_ms: Annotated[int, Field(ge=0, le=60_000)] = 200
+    # Claims of one image for analysis before it is failed ("not tried again"): each time a worker took it and never
+    # finished (the process died, e.g. in a native library or out of memory, or lost its lease). A job claimed a
+    # second time is analysed alone, so such an image never takes the others of its batch with it.
+    max_tries: Annotated[int, Field(ge=1)] = 3
     weights: Path | None = None  # None = the demo weights shipped with the package
     score_threshold: Fraction | None = None  # None = the value recorded with the weights
     present_threshold: Fraction | None = None

@@ -168,6 +168,11 @@ class Job:
     """The node id holding the job (a worker in inferring / writing, a sender in sending); None when nobody does."""
     lease_until: float = 0.0
     """Until when (Unix time; the database server's clock on PostgreSQL) the owner holds it, unless renewed."""
+    claims: int = 0
+    """How many times a worker claimed it for analysis (`Queue.claim`; `hand_back` takes back a claim not tried,
+    `revive` starts again from 0). Above 1, a worker held it before and never finished it: it died (a crash in a
+    native library, out of memory) or lost its lease, perhaps because of this very image, so the worker analyses it
+    alone, and past `[inference] max_tries` fails it (node.worker)."""
 
 
 @dataclass(frozen=True)
@@ -199,7 +204,13 @@ class Queue(Protocol):
     def claim(self, limit: int, node_id: str, lease_s: float) -> list[Job]:
         """Atomically take up to `limit` jobs to analyse, oldest first: `received` ones, and `inferring` / `writing`
         ones whose lease expired (their holder died). Each moves to `inferring`, held by `node_id` for `lease_s`
-        seconds. Two callers never get the same job while its lease runs."""
+        seconds, its `claims` counted up by one in the same statement (and returned so). Two callers never get the
+        same job while its lease runs."""
+
+    def hand_back(self, job_ids: Sequence[int], node_id: str, *, error: str | None = None) -> list[int]:
+        """Jobs `node_id` holds in `inferring` / `writing` and put down for a reason other than the job itself (not
+        tried after all, the store unreachable) go back to `received` with `error` (cleared if None), their last
+        claim not counted (`claims` down by one), the lease let go. Returns the ids handed back."""
 
     def renew(self, job_ids: Sequence[int], node_id: str, lease_s: float) -> list[int]:
         """Extend to now + `lease_s` the leases `node_id` still holds among `job_ids`; returns those ids. A job that
@@ -275,8 +286,8 @@ class Queue(Protocol):
         """Raise QueueError if the queue cannot take a write now (for the readiness probe)."""
 
     def revive(self, job_ids: Sequence[int] | None) -> list[Job]:
-        """`cxrnode resend`: dead jobs go back to `sending` (attempts reset), failed ones to `received`.
-        None means every dead or failed job. Returns the revived jobs."""
+        """`cxrnode resend`: dead jobs go back to `sending` (attempts reset), failed ones to `received`; `claims`
+        starts again from 0. None means every dead or failed job. Returns the revived jobs."""
 
     def recover(self, node_id: str) -> int:
         """At start-up, or after this node's worker process died: jobs in `inferring` / `writing` that `node_id`

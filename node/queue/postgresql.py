@@ -145,10 +145,24 @@ class PostgreSQLQueue:
             f" OR (state IN ('inferring', 'writing') AND lease_until <= {NOW})"
             " ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
             f" UPDATE jobs SET state = 'inferring', owner = %(node)s, lease_until = {NOW} + %(lease)s,"
-            f" updated_at = {NOW} FROM picked WHERE jobs.id = picked.id RETURNING jobs.*",
+            f" updated_at = {NOW}, claims = jobs.claims + 1 FROM picked WHERE jobs.id = picked.id RETURNING jobs.*",
             {"limit": limit, "node": node_id, "lease": lease_s},
         )
         return sorted((_job(row) for row in rows), key=lambda job: job.id)
+
+    def hand_back(self, job_ids: Sequence[int], node_id: str, *, error: str | None = None) -> list[int]:
+        if not job_ids:
+            return []
+        with self._transaction() as db:
+            rows = db.execute(
+                "UPDATE jobs SET state = 'received', owner = NULL, lease_until = 0, claims = GREATEST(claims - 1, 0),"
+                f" error = %s, updated_at = {NOW} WHERE id = ANY(%s) AND owner = %s"
+                " AND state IN ('inferring', 'writing') RETURNING id",
+                (error, list(job_ids), node_id),
+            ).fetchall()
+            if rows:
+                self._notify(db, JobState.RECEIVED)
+        return sorted(int(row["id"]) for row in rows)
 
     def renew(self, job_ids: Sequence[int], node_id: str, lease_s: float) -> list[int]:
         if not job_ids:
@@ -317,7 +331,7 @@ class PostgreSQLQueue:
                     continue
                 updated = db.execute(
                     "UPDATE jobs SET state = %s, attempts = 0, next_attempt_at = 0, delivered = '[]', error = NULL,"
-                    f" owner = NULL, lease_until = 0, updated_at = {NOW} WHERE id = %s RETURNING *",
+                    f" owner = NULL, lease_until = 0, claims = 0, updated_at = {NOW} WHERE id = %s RETURNING *",
                     (target.value, row["id"]),
                 ).fetchone()
                 revived.append(_job(updated))  # type: ignore[arg-type]
@@ -441,4 +455,5 @@ def _job(row: Row) -> Job:
         model_version=row["model_version"],
         owner=row["owner"],
         lease_until=float(row["lease_until"]),
+        claims=int(row["claims"]),
     )

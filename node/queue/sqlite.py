@@ -195,10 +195,29 @@ class SQLiteQueue:
                 (now, limit),
             ).fetchall()
             db.executemany(
-                "UPDATE jobs SET state = 'inferring', owner = ?, lease_until = ?, updated_at = ? WHERE id = ?",
+                "UPDATE jobs SET state = 'inferring', owner = ?, lease_until = ?, updated_at = ?, claims = claims + 1"
+                " WHERE id = ?",
                 [(node_id, now + lease_s, now, row["id"]) for row in rows],
             )
-        return [_job(row, state=JobState.INFERRING, owner=node_id, lease_until=now + lease_s) for row in rows]
+        return [
+            _job(row, state=JobState.INFERRING, owner=node_id, lease_until=now + lease_s, claims=row["claims"] + 1)
+            for row in rows
+        ]
+
+    def hand_back(self, job_ids: Sequence[int], node_id: str, *, error: str | None = None) -> list[int]:
+        if not job_ids:
+            return []
+        marks = ",".join("?" * len(job_ids))
+        with self._transaction() as db:
+            rows = db.execute(
+                "UPDATE jobs SET state = 'received', owner = NULL, lease_until = 0, claims = MAX(claims - 1, 0),"
+                f" error = ?, updated_at = ? WHERE id IN ({marks}) AND owner = ?"
+                " AND state IN ('inferring', 'writing') RETURNING id",
+                [error, time.time(), *job_ids, node_id],
+            ).fetchall()
+        if rows:
+            self._announce(JobState.RECEIVED)
+        return sorted(int(row["id"]) for row in rows)
 
     def renew(self, job_ids: Sequence[int], node_id: str, lease_s: float) -> list[int]:
         if not job_ids:
@@ -379,10 +398,10 @@ class SQLiteQueue:
                     continue
                 db.execute(
                     "UPDATE jobs SET state = ?, attempts = 0, next_attempt_at = 0, delivered = '[]', error = NULL,"
-                    " owner = NULL, lease_until = 0, updated_at = ? WHERE id = ?",
+                    " owner = NULL, lease_until = 0, claims = 0, updated_at = ? WHERE id = ?",
                     (target.value, now, row["id"]),
                 )
-                revived.append(_job(row, state=target, owner=None, lease_until=0.0))
+                revived.append(_job(row, state=target, owner=None, lease_until=0.0, claims=0))
         self._announce(*(job.state for job in revived))
         return revived
 
@@ -486,5 +505,6 @@ def _job(row: sqlite3.Row, **replaced: object) -> Job:
         model_version=row["model_version"],
         owner=row["owner"],
         lease_until=float(row["lease_until"]),
+        claims=int(row["claims"]),
     )
     return replace(job, **replaced) if replaced else job  # type: ignore[arg-type]
