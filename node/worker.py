@@ -113,6 +113,9 @@ class Worker:
         )
         self.writes_in_flight = threading.BoundedSemaphore(2 * batch)
         self.batches: Handoff[list[Prepared]] = Handoff(maxsize=1)
+        self.busy = 0
+        """Batches handed to the inference thread and result objects being written, not yet finished."""
+        self.busy_changed = threading.Condition()
         self.feeder = threading.Thread(target=self._feed, name="worker-feed", daemon=True)
         self.thread = threading.Thread(target=self._run, name="worker-infer", daemon=True)
 
@@ -149,10 +152,12 @@ class Worker:
                     self.queue.add_timing(job.id, "queue_wait", now - job.received_at)
                 prepared = [p for p in self.prepare_pool.map(self._prepare, jobs) if p is not None]
                 while prepared and not self.stopping.is_set():
+                    self._count_busy(+1)
                     try:
                         self.batches.put(prepared, timeout=1.0)
                         break
                     except Full:
+                        self._count_busy(-1)
                         continue
                 if any(suspect(job) for job in jobs):
                     self._wait_until_analysed()  # a suspect runs alone: nothing else is claimed meanwhile
@@ -175,7 +180,7 @@ class Worker:
                 log.exception("worker: unexpected error in inference; the batch is taken again when its leases end")
                 self.leases.let_go(item.job.id for item in prepared)
             finally:
-                self.batches.task_done()  # what `_wait_until_analysed` waits for
+                self._count_busy(-1)  # its writes, if any, were counted in `infer`
 
     def _claim(self, limit: int) -> list[Job]:
         """Claim up to `limit` jobs; those whose tries are used up are failed, the others returned."""
@@ -212,7 +217,8 @@ class Worker:
         is still being analysed, everything goes back and the worker waits for it to end first: should that batch
         kill the worker, the suspect must not be charged for it."""
         first = next(job for job in jobs if suspect(job))
-        busy = self.batches.unfinished_tasks > 0
+        with self.busy_changed:
+            busy = self.busy > 0
         back = jobs if busy else [job for job in jobs if job is not first]
         self.leases.let_go(job.id for job in back)
         self.queue.hand_back([job.id for job in back], self.node_id)
@@ -227,11 +233,17 @@ class Worker:
         )
         return [first]
 
+    def _count_busy(self, change: int) -> None:
+        with self.busy_changed:
+            self.busy += change
+            self.busy_changed.notify_all()
+
     def _wait_until_analysed(self) -> None:
-        """Until every batch handed to the inference thread has been analysed (or the worker stops)."""
-        with self.batches.all_tasks_done:
-            while self.batches.unfinished_tasks and not self.stopping.is_set():
-                self.batches.all_tasks_done.wait(1.0)
+        """Until every batch handed to the inference thread has been analysed and its results written (or the
+        worker stops)."""
+        with self.busy_changed:
+            while self.busy and not self.stopping.is_set():
+                self.busy_changed.wait(1.0)
 
     # -- one batch --------------------------------------------------------------------------------------------------
 
@@ -249,6 +261,7 @@ class Worker:
                 continue
             self.queue.add_timing(item.job.id, "inference", seconds)
             self.writes_in_flight.acquire()
+            self._count_busy(+1)
             self.write_pool.submit(self._write_then_release, item, finding)
 
     def _write_then_release(self, item: Prepared, finding: Finding) -> None:
@@ -259,6 +272,7 @@ class Worker:
             self.leases.let_go([item.job.id])
         finally:
             self.writes_in_flight.release()
+            self._count_busy(-1)
 
     def _prepare(self, job: Job) -> Prepared | None:
         if job.spool_path is None:

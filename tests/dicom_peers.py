@@ -269,12 +269,16 @@ class NodeProcess:
     log: Path
     process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120, crash_at: str | None = None) -> NodeProcess:
-        """Start `cxrnode serve`; `crash_at` ("point:n") makes it SIGKILL itself there (node.faults)."""
+    def start(
+        self, timeout: float = 120, crash_at: str | None = None, faults: dict[str, str] | None = None
+    ) -> NodeProcess:
+        """Start `cxrnode serve`; `crash_at` ("point:n") makes it SIGKILL itself there, `faults` sets other
+        node.faults variables (e.g. CXRNODE_WORKER_DIES_ON)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env = {k: v for k, v in env.items() if not k.startswith("CXRNODE_")}
         if crash_at:
             env["CXRNODE_CRASH_AT"] = crash_at
+        env.update(faults or {})
         self.process = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)],
             stdout=open(self.log, "ab"),
