@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 KEYS = ("rsna_map", "map50", "auc", "lung_dice", "severity_mae", "n_images")
 REAL_KEYS = ("auc_all_negatives", "sensitivity", "fp_rate_normals", "fp_rate_not_normal", "severity_mae_normals")
+REAL_KEYS += ("severity_mae_constant",)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -173,6 +174,7 @@ def format_table(results: dict[str, Any]) -> str:
         "fp_rate_normals": "false-positive rate, normals",
         "fp_rate_not_normal": "false-positive rate, RSNA not normal",
         "severity_mae_normals": "severity MAE on normals (points)",
+        "severity_mae_constant": "  reference: one number for every lung",
     }
 
     def text(value: Any) -> str:

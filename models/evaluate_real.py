@@ -10,6 +10,9 @@ Keys of the result (null where there is nothing to score):
     severity_mae         per lung: mean |predicted - true| involvement in percentage points, true = area(opacity ∩
                          lung) / area(lung) from the experts' masks (right and left lungs each count once)
     severity_mae_normals per lung on normal radiographs (true involvement 0)
+    severity_mae_constant the reference for severity_mae: the MAE of one number for every lung (the median true
+                         involvement of these lungs, chosen with hindsight); a model that does not beat it has learnt
+                         nothing about how much of a lung is involved
     lung_dice            per lung (right and left scored separately) where both lungs are annotated
     by_source            the same keys per source ("opacity", "normal", "rsna-opacity", "rsna-not-normal")
     images               one row per image: file name, source, probability, present, image rsna score, severity
@@ -44,6 +47,11 @@ def _rate(flags: list[bool]) -> float | None:
     return float(np.mean(flags)) if flags else None
 
 
+def _constant_mae(truth: list[float]) -> float | None:
+    """MAE of the best single guess (the median minimises the absolute error)."""
+    return float(np.mean(np.abs(np.array(truth) - np.median(truth)))) if truth else None
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The metrics of the module docstring over `rows` (per-image dicts with their detections)."""
     positives = [r for r in rows if r["positive"]]
@@ -60,6 +68,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "fp_rate_not_normal": _rate([r["present"] for r in negatives if not r["normal"]]),
         "severity_mae": _mean([e for r in rows for e in r["severity_errors"]]),
         "severity_mae_normals": _mean([e for r in normals for e in r["severity_normal"]]),
+        "severity_mae_constant": _constant_mae([t for r in rows for t in r["severity_true"] or ()]),
         "lung_dice": _mean([r["lung_dice"] for r in rows if r["lung_dice"] is not None]),
         "n_images": len(rows),
         "n_positive": len(positives),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -80,9 +81,16 @@ class Metrics:
         if queue is not None:
             r.register(QueueCollector(queue))
 
-    def record(self, name: str, value: float) -> None:
-        """Apply one observation the worker process reported (see node.worker.Report)."""
-        if name == "inference_seconds":
+    def record(self, name: str, value: float = 1.0, status: str | None = None) -> None:
+        """Apply one observation, made here or reported by another process of the node (the worker's, see
+        node.worker.Report; a receiving process's, through a `MetricsRelay`)."""
+        if name == "received":
+            self.received.inc(value)
+        elif name == "skipped":
+            self.skipped.inc(value)
+        elif name == "refused":
+            self.refused.labels(status=status or "unknown").inc(value)
+        elif name == "inference_seconds":
             self.inference_seconds.observe(value)
         elif name == "batch_size":
             self.batch_size.observe(value)
@@ -91,4 +99,26 @@ class Metrics:
         elif name == "failed":
             self.failed.inc(value)
         else:
-            raise ValueError(f"unknown worker metric {name!r}")
+            raise ValueError(f"unknown metric {name!r}")
+
+
+class Recorder(Protocol):
+    """Where the receiving path counts what it received, skipped and refused: the node's `Metrics`, or a
+    `MetricsRelay` in another receiving process."""
+
+    def record(self, name: str, value: float = 1.0, status: str | None = None) -> None: ...
+
+
+class MetricsRelay:
+    """A receiving process's counts, sent to the node's process (which serves /metrics) as ("metric", index,
+    (name, value, status)) messages: `--receivers N` counts every process's images, not only process 0's."""
+
+    def __init__(self, messages: SupportsPut, index: int) -> None:
+        self.messages, self.index = messages, index
+
+    def record(self, name: str, value: float = 1.0, status: str | None = None) -> None:
+        self.messages.put(("metric", self.index, (name, value, status)))
+
+
+class SupportsPut(Protocol):
+    def put(self, item: object) -> None: ...

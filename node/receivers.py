@@ -25,7 +25,7 @@ from types import FrameType
 from node.audit import AuditLog
 from node.config import Settings
 from node.launch import Launch, configure_logging, reloaded
-from node.metrics import Metrics
+from node.metrics import Metrics, MetricsRelay
 from node.queue import WakeUp, open_queue
 from node.receiving import Receiver
 from node.scp import AssociationSlots, bind_server, make_ae, serve_associations
@@ -66,7 +66,7 @@ def run(
         messages.put(("error", index, f"{type(error).__name__}: {error}"))
         return
     receiver = Receiver(lambda: holder[0], store, queue, wake, AuditLog(settings.node.data_dir))
-    receiver.metrics = Metrics()  # its counters are this process's own; the queue's numbers are the node's
+    receiver.metrics = MetricsRelay(messages, index)  # counted in the node's process, which serves /metrics
     serve_associations(ae, server, settings, receiver, slots)
     messages.put(("ready", index, ""))
     while not stopped.wait(1.0):
@@ -86,8 +86,11 @@ class ReceiverProcesses:
     """Receiving processes 1 .. N-1 of a node whose own process is number 0: started, replaced when one dies,
     told of a SIGHUP, stopped."""
 
-    def __init__(self, settings: Settings, launch: Launch, slots: AssociationSlots, wake: WakeUp) -> None:
+    def __init__(
+        self, settings: Settings, launch: Launch, slots: AssociationSlots, wake: WakeUp, metrics: Metrics
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.launch = launch
         self.slots = slots
         self.wake = wake
@@ -105,9 +108,12 @@ class ReceiverProcesses:
         deadline = time.monotonic() + timeout
         while waiting:
             kind, index, why = self.messages.get(timeout=max(0.1, deadline - time.monotonic()))
-            if kind == "error":
+            if kind == "metric":  # an association came in before its process's "ready" was read
+                self.metrics.record(*why)
+            elif kind == "error":
                 raise RuntimeError(f"receiving process {index} could not start: {why}")
-            waiting.discard(index)
+            else:
+                waiting.discard(index)
         threading.Thread(target=self._supervise, name="receivers", daemon=True).start()
         log.info("%d receiving processes share port %d", self.settings.node.receivers, self.settings.node.port)
 
@@ -130,9 +136,11 @@ class ReceiverProcesses:
                 self.slots.clear(index)
                 self.restarts += 1
                 self._spawn(index)
-            while not self.messages.empty():  # the replacements' ready / error messages: logged, not waited for
+            while not self.messages.empty():  # counts, and the replacements' ready / error messages (not waited for)
                 kind, index, why = self.messages.get_nowait()
-                if kind == "error":
+                if kind == "metric":
+                    self.metrics.record(*why)
+                elif kind == "error":
                     log.error("receiving process %d could not start: %s", index, why)
 
     def reload(self) -> None:

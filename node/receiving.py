@@ -26,7 +26,7 @@ from node.audit import AuditLog
 from node.config import Settings
 from node.faults import crash_point
 from node.filters import reason_to_skip
-from node.metrics import Metrics
+from node.metrics import Metrics, Recorder
 from node.queue import JobState, NewJob, Queue, QueueError, WakeUp
 from node.statuses import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from node.store import Store, StoreError, keep_received, safe_uid
@@ -46,7 +46,7 @@ class Receiver:
     queue: Queue
     wake_worker: WakeUp
     audit: AuditLog
-    metrics: Metrics = field(default_factory=Metrics)
+    metrics: Recorder = field(default_factory=Metrics)
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def low_on_disk(self) -> str | None:
@@ -147,7 +147,7 @@ def refuse(receiver: Receiver, arrival: Arrival, status: int, why: str) -> Recei
     log.warning(
         "%s from %s sop=%s refused (0x%04X): %s", arrival.service, arrival.peer, arrival.sop_instance_uid, status, why
     )
-    receiver.metrics.refused.labels(status=f"0x{status:04X}").inc()
+    receiver.metrics.record("refused", status=f"0x{status:04X}")
     receiver.audit.record(
         "instance",
         outcome="refused",
@@ -251,10 +251,10 @@ def receive(receiver: Receiver, arrival: Arrival) -> Receipt:
         transfer_syntax_uid=transfer_syntax,
     )
     if reason:
-        receiver.metrics.skipped.inc()
+        receiver.metrics.record("skipped")
         log.info("%s from %s sop=%s job=%d skipped: %s", arrival.service, peer, sop_instance, job_id, reason)
         return Receipt(SUCCESS, why=reason, job_id=job_id, outcome="skipped")
-    receiver.metrics.received.inc()
+    receiver.metrics.record("received")
     log.info(
         "%s from %s sop=%s job=%d received (%s, %s)",
         arrival.service,

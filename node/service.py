@@ -252,7 +252,7 @@ def _run(launch: Launch, settings: Settings, cleanup: contextlib.ExitStack, star
     )
     slots = AssociationSlots.create(receivers, ae.maximum_associations) if receivers > 1 else None
     if slots is not None:
-        others = ReceiverProcesses(settings, launch, slots, wake)
+        others = ReceiverProcesses(settings, launch, slots, wake, metrics)
         cleanup.callback(lambda: others is not None and others.stop(timeout=5.0))
         try:
             others.start()

@@ -187,6 +187,7 @@ def test_train_with_real_then_evaluate_writes_figures(tmp_path: Path) -> None:
     assert set(results["by_source"]) == {"opacity", "normal", "rsna-opacity"}
     truths = [r["severity_true"] for r in results["images"] if r["source"] == "opacity"]
     assert all(t == [50.0, 0.0] for t in truths)  # right lung half covered, left lung clear
+    assert results["severity_mae_constant"] == 25.0  # the best single guess (25) misses every lung by 25 points
     assert Path(results["figures"]["roc"]).is_file() and Path(results["figures"]["worst_cases"]).is_file()
     assert Image.open(results["figures"]["roc"]).size[0] > 100
 

@@ -243,6 +243,12 @@ def test_receivers_two_gpu_nodes_and_a_sender_lose_nothing_when_a_gpu_node_is_ki
         with urllib.request.urlopen(f"http://127.0.0.1:{receiving.http_port}/metrics", timeout=10) as answer:
             metrics = answer.read().decode()
         assert "cxrnode_node_heartbeat_age_seconds{host=" in metrics and 'node_id="infer-2",roles="infer"' in metrics
+        # the node counts what each of its receiving processes received (process 1 reports to process 0)
+        stored = [ln for ln in receiving.log.read_text().splitlines() if "C-STORE from" in ln and " received (" in ln]
+        assert len(stored) == 40 and "cxrnode_images_received_total 40.0" in metrics, (
+            {line.split()[3] for line in stored},
+            [m for m in metrics.splitlines() if m.startswith("cxrnode_images_received")],
+        )
         for node in cluster.nodes:
             if node is not gpu_1:
                 assert node.stop() == 0, node.log.read_text()[-3000:]
