@@ -226,6 +226,7 @@ def _job_dict(job: Any) -> dict[str, Any]:
         "calling_ae": job.calling_ae,
         "peer_address": job.peer_address,
         "attempts": job.attempts,
+        "claims": job.claims,
         "received_at": datetime.datetime.fromtimestamp(job.received_at).isoformat(timespec="seconds"),
         "received_at_unix": round(job.received_at, 3),
         "updated_at": datetime.datetime.fromtimestamp(job.updated_at).isoformat(timespec="seconds"),

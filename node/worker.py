@@ -125,8 +125,8 @@ class Worker:
         self.thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the batches in hand and their writes, then return. Claimed jobs not yet analysed stay
-        `inferring` and are resumed at the next start."""
+        """Finish the batches in hand and their writes, then return. Claimed jobs not yet handed to the inference
+        thread go back to `received`, their claim not counted."""
         self.stopping.set()
         self.wake.set()
         self.feeder.join(timeout)
@@ -159,6 +159,10 @@ class Worker:
                     except Full:
                         self._count_busy(-1)
                         continue
+                else:  # stopping with a batch never handed over: back untried, its claim not counted
+                    untried = [item.job.id for item in prepared]
+                    self.leases.let_go(untried)
+                    self.queue.hand_back(untried, self.node_id)
                 if any(suspect(job) for job in jobs):
                     self._wait_until_analysed()  # a suspect runs alone: nothing else is claimed meanwhile
             except Exception:  # the worker must survive anything one batch does; the jobs stay recoverable

@@ -106,7 +106,9 @@ def test_a_poison_image_fails_after_max_tries_and_its_batch_is_delivered(tmp_pat
         listed = node.cli("jobs", "--json", "--state", "failed")
         assert listed.returncode == 0, listed.stderr
         [shown] = json.loads(listed.stdout)["jobs"]
-        assert shown["sop_instance_uid"] == poison_uid and shown["error"] == job.error
+        assert (
+            shown["sop_instance_uid"] == poison_uid and shown["error"] == job.error and shown["claims"] == MAX_TRIES + 1
+        )
 
         # The node still serves: C-ECHO, and a new image is analysed and delivered.
         assert echoscu(port).returncode == 0
