@@ -32,7 +32,7 @@ from torch import nn
 from models.data.lungs import split_lungs
 from models.data.real_opacity import load_image, load_mask, read_real_opacity
 from models.predict import Predictor, lung_masks
-from models.preprocess import detector_shape, letterbox, to_network_input
+from models.preprocess import letterbox
 from models.severity import involvement_percent
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
@@ -43,13 +43,16 @@ def case(predictor: Predictor, record: Any) -> dict[str, Any]:
     """One image: the released per-lung severity, FPN features, predicted lungs on the detector's grid, truth."""
     image = load_image(record)
     size = predictor.detector_config.input_size
-    shape = detector_shape(*image.shape, size)
-    batch = letterbox(to_network_input(image, shape), size)[None]
-    transformed, _ = predictor.detector.transform(list(batch))
-    features = predictor.detector.backbone(transformed.tensors)
-    fine = features["0"]
-    features = torch.cat([fine, F.interpolate(features["1"], size=fine.shape[-2:], mode="bilinear")], 1)[0]
-    raw, logits = predictor.detect([image])[0], predictor.segment_lungs([image])[0]
+    captured: dict[str, torch.Tensor] = {}  # the FPN levels of the detector's own forward pass
+    hook = predictor.detector.backbone.register_forward_hook(lambda module, inputs, output: captured.update(output))
+    try:
+        raw = predictor.detect([image])[0]
+    finally:
+        hook.remove()
+    logits = predictor.segment_lungs([image])[0]
+    shape = raw.network_shape
+    fine = captured["0"]
+    features = torch.cat([fine, F.interpolate(captured["1"], size=fine.shape[-2:], mode="bilinear")], 1)[0]
     finding = predictor.finding(image.shape, raw, logits)
     right, left = lung_masks(logits, shape)
     opacity = load_mask(record.opacity_mask, image.shape)
@@ -57,7 +60,7 @@ def case(predictor: Predictor, record: Any) -> dict[str, Any]:
     target, truth = None, None
     if opacity is not None and lungs is not None:
         small = F.interpolate(torch.from_numpy(opacity)[None, None].float(), size=shape, mode="area")[0, 0]
-        target = F.pad(small, (0, size - shape[1], 0, size - shape[0]))
+        target = letterbox(small, size)
         true_right, true_left = split_lungs(lungs)
         truth = [involvement_percent(opacity, lung) if lung.any() else None for lung in (true_right, true_left)]
     elif record.normal:

@@ -109,6 +109,12 @@ class Recorder(Protocol):
     def record(self, name: str, value: float = 1.0, status: str | None = None) -> None: ...
 
 
+class SupportsPut(Protocol):
+    """A multiprocessing queue, as far as a `MetricsRelay` needs one."""
+
+    def put(self, item: object) -> None: ...
+
+
 class MetricsRelay:
     """A receiving process's counts, sent to the node's process (which serves /metrics) as ("metric", index,
     (name, value, status)) messages: `--receivers N` counts every process's images, not only process 0's."""
@@ -118,7 +124,3 @@ class MetricsRelay:
 
     def record(self, name: str, value: float = 1.0, status: str | None = None) -> None:
         self.messages.put(("metric", self.index, (name, value, status)))
-
-
-class SupportsPut(Protocol):
-    def put(self, item: object) -> None: ...

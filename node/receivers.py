@@ -107,11 +107,11 @@ class ReceiverProcesses:
         waiting = set(self.processes)
         deadline = time.monotonic() + timeout
         while waiting:
-            kind, index, why = self.messages.get(timeout=max(0.1, deadline - time.monotonic()))
+            kind, index, detail = self.messages.get(timeout=max(0.1, deadline - time.monotonic()))
             if kind == "metric":  # an association came in before its process's "ready" was read
-                self.metrics.record(*why)
+                self.metrics.record(*detail)
             elif kind == "error":
-                raise RuntimeError(f"receiving process {index} could not start: {why}")
+                raise RuntimeError(f"receiving process {index} could not start: {detail}")
             else:
                 waiting.discard(index)
         threading.Thread(target=self._supervise, name="receivers", daemon=True).start()
@@ -137,11 +137,11 @@ class ReceiverProcesses:
                 self.restarts += 1
                 self._spawn(index)
             while not self.messages.empty():  # counts, and the replacements' ready / error messages (not waited for)
-                kind, index, why = self.messages.get_nowait()
+                kind, index, detail = self.messages.get_nowait()
                 if kind == "metric":
-                    self.metrics.record(*why)
+                    self.metrics.record(*detail)
                 elif kind == "error":
-                    log.error("receiving process %d could not start: %s", index, why)
+                    log.error("receiving process %d could not start: %s", index, detail)
 
     def reload(self) -> None:
         for process in self.processes.values():

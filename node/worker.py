@@ -188,12 +188,13 @@ class Worker:
 
     def _claim(self, limit: int) -> list[Job]:
         """Claim up to `limit` jobs; those whose tries are used up are failed, the others returned."""
-        jobs = self.queue.claim(limit, self.node_id, self.settings().queue.lease_s)
         max_tries = self.settings().inference.max_tries
-        for job in jobs:
+        jobs = []
+        for job in self.queue.claim(limit, self.node_id, self.settings().queue.lease_s):
             if job.claims > max_tries:
                 self._give_up(job, max_tries)
-        jobs = [job for job in jobs if job.claims <= max_tries]
+            else:
+                jobs.append(job)
         self.leases.hold(job.id for job in jobs)
         return jobs
 
