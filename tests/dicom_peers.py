@@ -150,6 +150,9 @@ def out_of_scope_files(folder: Path, seed: int) -> list[Path]:
 # -- DCMTK ----------------------------------------------------------------------------------------------------------------
 
 
+FILE_SETTLE_S = 0.5  # a file storescp has not touched for this long is whole
+
+
 @dataclass
 class StoreSCP:
     """DCMTK storescp as a fake PACS: every object it receives is a file named by its SOP Instance UID."""
@@ -189,15 +192,27 @@ class StoreSCP:
 
     def received(self) -> list[pydicom.Dataset]:
         datasets = []
-        for path in sorted(self.folder.glob("*.dcm")):
+        for path in self.files():
             try:
                 datasets.append(pydicom.dcmread(path))
-            except Exception:  # a file still being written
+            except Exception:  # not DICOM: a test that counts on it reads the file itself
                 continue
         return datasets
 
     def files(self) -> list[Path]:
-        return sorted(self.folder.glob("*.dcm"))
+        """Every file received, once none has been written to for FILE_SETTLE_S.
+
+        storescp writes each object under its final name, so a file seen the moment it appears may be half written:
+        a SEG counted whose SR is still arriving, or a dataset read without its last elements.
+        """
+        deadline = time.monotonic() + 10
+        while True:
+            paths = sorted(self.folder.glob("*.dcm"))
+            newest = max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
+            young = time.time() - newest
+            if young >= FILE_SETTLE_S or time.monotonic() >= deadline:
+                return paths
+            time.sleep(FILE_SETTLE_S - young)
 
 
 STORESCU_PROPOSE = {
